@@ -1,0 +1,12 @@
+"""rlhf_kernels: fused CPU / CUDA / Triton kernels for the hot spots of RLHF training.
+
+Every op takes backend="auto" | "cuda" | "triton" | "cpu" | "torch"; see
+`python -m rlhf_kernels report` for what is available here.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._backends import BackendUnavailable
+from .ops import gae
+
+__version__ = "0.1.0"
+__all__ = ["gae", "BackendUnavailable", "__version__"]

@@ -1,0 +1,70 @@
+"""Argument checks shared by the ops: each error names the argument at fault."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_INT32 = 2**31 - 1
+
+
+def float_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), "
+                        f"got {x.dtype}")
+    return x
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    device = items[0][1].device
+    for name, t in items[1:]:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {items[0][0]} is on {device}")
+    return device
+
+
+def mask_tensor(name: str, mask, shape: torch.Size) -> torch.Tensor:
+    """A bool mask of `shape`; a numeric mask must hold only 0 and 1."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or a real 0/1 tensor, got {mask.dtype}")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
+    return mask != 0
+
+
+def unit_interval(name: str, x) -> float:
+    x = float(x)
+    if not (0.0 <= x <= 1.0) or math.isnan(x):
+        raise ValueError(f"{name} must be in [0, 1], got {x}")
+    return x
+
+
+def cu_seqlens_tensor(cu, total: int, device: torch.device) -> torch.Tensor:
+    """Validated int32 offsets [B+1]: cu[0] = 0, non-decreasing, cu[-1] = total."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"cu_seqlens is on {cu.device} but rewards is on {device}")
+    if total > MAX_INT32:
+        raise ValueError(f"packed length {total} does not fit int32 offsets")
+    host = cu.cpu()
+    if int(host[0]) != 0 or int(host[-1]) != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, "
+                         f"got {int(host[0])} .. {int(host[-1])}")
+    if bool((host[1:] < host[:-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return cu.to(torch.int32).contiguous()

@@ -1,0 +1,94 @@
+"""GAE as a reverse associative scan in Triton.
+
+Per token the state (A, N) = (advantage, value of the next valid token) is mapped by an affine
+map A' = a*A + b*N + d, N' = e*N + f (see csrc/cpu/gae.cpp for the per-token maps of the two
+modes). Such maps compose into maps of the same form, so a reverse associative scan over a tile
+gives every token's map from the tile's right edge; applying it to the carry from the tile to the
+right gives (A, N) everywhere. One program walks one row, tile by tile, from the end.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _compose(a_r, b_r, d_r, e_r, f_r, a_l, b_l, d_l, e_l, f_l):
+    # In a reverse scan Triton passes the accumulated right part first; the result is
+    # left ∘ right: apply the right (later tokens) map, then the left one.
+    return (a_l * a_r,
+            a_l * b_r + b_l * e_r,
+            a_l * d_r + b_l * f_r + d_l,
+            e_l * e_r,
+            e_l * f_r + f_l)
+
+
+@triton.jit
+def gae_scan_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, cu_ptr, stats_ptr, bad_ptr,
+                    row_len, gamma, gamma_lam,
+                    SKIP: tl.constexpr, PACKED: tl.constexpr, WHITEN: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        end = tl.load(cu_ptr + row + 1).to(tl.int64)
+    else:
+        start = row.to(tl.int64) * row_len
+        end = start + row_len
+    offs = tl.arange(0, BLOCK)
+    carry_a = tl.zeros((), tl.float32)
+    carry_n = tl.zeros((), tl.float32)
+    bad_r = tl.zeros((), tl.int32)
+    bad_v = tl.zeros((), tl.int32)
+    s1 = tl.zeros((), tl.float64)
+    s2 = tl.zeros((), tl.float64)
+    cnt = tl.zeros((), tl.float64)
+    n_tiles = tl.cdiv(end - start, BLOCK)
+    for i in range(n_tiles):
+        # tiles aligned to the row's end, so the partial tile is the leftmost one
+        idx = end - (i + 1) * BLOCK + offs
+        inside = idx >= start
+        valid = (tl.load(m_ptr + idx, mask=inside, other=0) != 0) & inside
+        r = tl.load(r_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        rt = tl.where(valid, r, 0.0)
+        vt = tl.where(valid, v, 0.0)
+        bad_r += tl.sum(((rt - rt) != 0).to(tl.int32), 0)
+        bad_v += tl.sum(((vt - vt) != 0).to(tl.int32), 0)
+        if SKIP:
+            active = valid
+        else:
+            active = inside
+        a = tl.where(active, gamma_lam, 1.0)
+        b = tl.where(active, gamma, 0.0)
+        d = tl.where(active, rt - vt, 0.0)
+        e = tl.where(active, 0.0, 1.0)
+        f = tl.where(active, vt, 0.0)
+        a, b, d, e, f = tl.associative_scan((a, b, d, e, f), 0, _compose, reverse=True)
+        adv = a * carry_a + b * carry_n + d
+        nxt = e * carry_n + f
+        adv = tl.where(valid, adv, 0.0)
+        tl.store(adv_ptr + idx, adv, mask=inside)
+        tl.store(ret_ptr + idx, tl.where(valid, adv + vt, 0.0), mask=inside)
+        if WHITEN:
+            s1 += tl.sum(adv, 0).to(tl.float64)
+            s2 += tl.sum(adv * adv, 0).to(tl.float64)
+            cnt += tl.sum(valid.to(tl.float32), 0).to(tl.float64)
+        # the leftmost position of the tile holds the state entering the next tile to the left
+        carry_a = tl.sum(tl.where(offs == 0, a * carry_a + b * carry_n + d, 0.0), 0)
+        carry_n = tl.sum(tl.where(offs == 0, nxt, 0.0), 0)
+    tl.store(bad_ptr + 2 * row, bad_r)
+    tl.store(bad_ptr + 2 * row + 1, bad_v)
+    if WHITEN:
+        tl.store(stats_ptr + 3 * row, s1)
+        tl.store(stats_ptr + 3 * row + 1, s2)
+        tl.store(stats_ptr + 3 * row + 2, cnt)
+
+
+@triton.jit
+def gae_whiten_kernel(adv_ptr, m_ptr, mean_rstd_ptr, n, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n
+    mean = tl.load(mean_rstd_ptr)
+    rstd = tl.load(mean_rstd_ptr + 1)
+    adv = tl.load(adv_ptr + idx, mask=inside, other=0.0)
+    valid = tl.load(m_ptr + idx, mask=inside, other=0) != 0
+    tl.store(adv_ptr + idx, tl.where(valid, (adv - mean) * rstd, 0.0), mask=inside)

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+
+import rlhf_kernels._backends as backends
+
+
+def backend_params(op: str):
+    """One pytest param per backend of `op`, skipped with the reason when it cannot run here."""
+    params = []
+    for name in backends.BACKENDS:
+        ok, why = backends.kernel_status(op, name)
+        marks = []
+        if name == "cuda":
+            marks.append(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                ok, why = False, "needs a CUDA device (none here)"
+        if name == "triton":
+            marks.append(pytest.mark.triton)
+            if ok and not torch.cuda.is_available() and not backends.triton_interpret():
+                ok, why = False, "no CUDA device and TRITON_INTERPRET is not 1"
+        if not ok:
+            marks.append(pytest.mark.skip(reason=f"{name} backend: {why}"))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def device_for(backend: str) -> torch.device:
+    if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def rng():
+    """A fresh generator per test: inputs are random, the seed is printed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
