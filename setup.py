@@ -35,6 +35,23 @@ def _cuda_include_dirs():
     return out
 
 
+def _cudart_library_dirs():
+    # torch links -lcudart from CUDA_HOME/lib64; toolkits laid out as lib/ (or found through an
+    # nvcc wrapper on PATH, which makes CUDA_HOME a guess) need their directory named.
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = []
+    if CUDA_HOME:
+        candidates += [os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib")]
+    candidates += sorted(glob.glob("/usr/local/cuda*/lib*"), reverse=True)
+    for base in site.getsitepackages():
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib")))
+    for d in candidates:
+        if os.path.exists(os.path.join(d, "libcudart.so")):
+            return [d]
+    return []
+
+
 def _want_cuda(torch):
     flag = os.environ.get("RLHF_KERNELS_CUDA", "auto").strip().lower()
     if flag in ("0", "no", "false", "off"):
@@ -73,7 +90,7 @@ def extensions():
 
     debug = os.environ.get("RLHF_KERNELS_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx = opt + ["-std=c++20", "-fopenmp", "-fno-math-errno"]
     if os.environ.get("RLHF_KERNELS_NATIVE", "0") == "1":
         cxx.append("-march=native")
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -86,7 +103,7 @@ def extensions():
                              extra_link_args=["-fopenmp"])]
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = opt[:1] + ["-std=c++17", "-lineinfo" if debug else "-DNDEBUG",
+    nvcc = opt[:1] + ["-std=c++20", "-lineinfo" if debug else "-DNDEBUG",
                       "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                       "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF_CONVERSIONS__"]
     info.update(cuda_archs=os.environ["TORCH_CUDA_ARCH_LIST"], nvcc_flags=" ".join(nvcc),
@@ -95,6 +112,7 @@ def extensions():
     return [CUDAExtension("rlhf_kernels._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
                           define_macros=[("RLHF_WITH_CUDA", "1")],
                           include_dirs=_cuda_include_dirs(),
+                          library_dirs=_cudart_library_dirs(),
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                           extra_link_args=["-fopenmp"])]
 

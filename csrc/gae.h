@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <cmath>
 #include <tuple>
 
 // Rows are either padded ([B, T] flattened, row b = [b*T, (b+1)*T)) or packed
@@ -20,11 +21,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_cuda(
     bool skip, bool whiten);
 #endif
 
+#if defined(__CUDACC__)
+#define RLHF_HOST_DEVICE __host__ __device__
+#else
+#define RLHF_HOST_DEVICE
+#endif
+
 // Variance over fewer than two valid tokens is taken as 0 (the whitened advantage is then 0).
-inline void gae_whiten_stats(double sum, double sumsq, double count, float* mean, float* rstd) {
+RLHF_HOST_DEVICE inline void gae_whiten_stats(double sum, double sumsq, double count, float* mean, float* rstd) {
   const double mu = count > 0 ? sum / count : 0.0;
   double var = count > 1 ? (sumsq - count * mu * mu) / (count - 1) : 0.0;
   if (var < 0) var = 0;  // cancellation in sumsq - n*mu^2
   *mean = static_cast<float>(mu);
-  *rstd = static_cast<float>(1.0 / std::sqrt(var + 1e-8));
+  *rstd = static_cast<float>(1.0 / sqrt(var + 1e-8));
 }
