@@ -92,3 +92,22 @@ def gae_whiten_kernel(adv_ptr, m_ptr, mean_rstd_ptr, n, BLOCK: tl.constexpr):
     adv = tl.load(adv_ptr + idx, mask=inside, other=0.0)
     valid = tl.load(m_ptr + idx, mask=inside, other=0) != 0
     tl.store(adv_ptr + idx, tl.where(valid, (adv - mean) * rstd, 0.0), mask=inside)
+
+
+def aot_variants():
+    """(kernel, signature, constexprs, num_warps) of the launches gae_launch makes, for the
+    ahead-of-time compile check in tests/test_triton_aot.py."""
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        for skip in (False, True):
+            for packed in (False, True):
+                for whiten in (False, True):
+                    sig = {"r_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "m_ptr": "*u8",
+                           "adv_ptr": "*fp32", "ret_ptr": "*fp32",
+                           "cu_ptr": "*i32", "stats_ptr": "*fp64",
+                           "bad_ptr": "*i32", "row_len": "i64", "gamma": "fp32",
+                           "gamma_lam": "fp32", "SKIP": "constexpr", "PACKED": "constexpr",
+                           "WHITEN": "constexpr", "BLOCK": "constexpr"}
+                    consts = {"SKIP": skip, "PACKED": packed, "WHITEN": whiten, "BLOCK": 1024}
+                    yield gae_scan_kernel, sig, consts, 4
+    yield (gae_whiten_kernel, {"adv_ptr": "*fp32", "m_ptr": "*u8", "mean_rstd_ptr": "*fp32",
+                               "n": "i64", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4)
