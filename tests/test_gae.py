@@ -144,3 +144,19 @@ def test_backends_agree_with_reference_backend(rng):
         a_auto, _ = rlhf_kernels.gae(r, v, m, gamma=0.99, mode=mode)
         a_ref, _ = rlhf_kernels.gae(r, v, m, gamma=0.99, mode=mode, backend="torch")
         torch.testing.assert_close(a_auto, a_ref, rtol=0, atol=2e-5)
+
+
+def test_benchmark_baselines_compute_the_same(rng):
+    # the benchmark's loops must solve the same problem as the kernel they are compared with
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from gae_baselines import loop_gae_skip, loop_gae_zero
+
+    r, v, m = make_inputs(rng, 8, 50, torch.float32, dead_row=False)
+    r = torch.where(m, r, 0.0)
+    for mode, loop in (("zero", loop_gae_zero), ("skip", loop_gae_skip)):
+        adv, ret = loop(r, v, m.float(), 0.99, 0.95)
+        ours_adv, ours_ret = rlhf_kernels.gae(r, v, m, gamma=0.99, lam=0.95, mode=mode)
+        torch.testing.assert_close(torch.where(m, adv, 0.0), ours_adv, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.where(m, ret, 0.0), ours_ret, rtol=0, atol=1e-5)
