@@ -27,8 +27,10 @@ venv: $(VENV)/.installed
 build: venv
 	$(PY) -m pip install -q -e . --no-build-isolation
 
+# two passes: the real Triton JIT (AOT compile checks), then the interpreter (Triton on CPU)
 test: build
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
 
 bench-smoke: build
 	$(PY) -m pytest -q benchmarks --benchmark-disable
