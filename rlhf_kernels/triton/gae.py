@@ -1,10 +1,14 @@
-"""GAE as a reverse associative scan in Triton.
+"""GAE as an associative scan in Triton, backwards in time.
 
 Per token the state (A, N) = (advantage, value of the next valid token) is mapped by an affine
 map A' = a*A + b*N + d, N' = e*N + f (see csrc/cpu/gae.cpp for the per-token maps of the two
-modes). Such maps compose into maps of the same form, so a reverse associative scan over a tile
-gives every token's map from the tile's right edge; applying it to the carry from the tile to the
-right gives (A, N) everywhere. One program walks one row, tile by tile, from the end.
+modes). Such maps compose into maps of the same form, so an associative scan over a tile gives
+every token's map from the tile's right edge; applying it to the carry from the tile to the right
+gives (A, N) everywhere. One program walks one row, tile by tile, from the end.
+
+Tiles are loaded back to front (lane 0 = the tile's last token) and scanned forwards: the
+recursion runs backwards in time, and a forward scan of a non-commutative combine is the
+well-trodden path in Triton's lowering (reverse=True has had ordering bugs).
 """
 import triton
 import triton.language as tl
@@ -12,8 +16,8 @@ import triton.language as tl
 
 @triton.jit
 def _compose(a_r, b_r, d_r, e_r, f_r, a_l, b_l, d_l, e_l, f_l):
-    # In a reverse scan Triton passes the accumulated right part first; the result is
-    # left ∘ right: apply the right (later tokens) map, then the left one.
+    # Triton passes the accumulated part first: here the tokens to the right (later in time).
+    # The result is left ∘ right: apply the right map, then the left one.
     return (a_l * a_r,
             a_l * b_r + b_l * e_r,
             a_l * d_r + b_l * f_r + d_l,
@@ -43,8 +47,8 @@ def gae_scan_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, cu_ptr, stats_ptr, ba
     cnt = tl.zeros((), tl.float64)
     n_tiles = tl.cdiv(end - start, BLOCK)
     for i in range(n_tiles):
-        # tiles aligned to the row's end, so the partial tile is the leftmost one
-        idx = end - (i + 1) * BLOCK + offs
+        # lane j holds the token j places before the tile's end; the partial tile is the last
+        idx = end - 1 - i * BLOCK - offs
         inside = idx >= start
         valid = (tl.load(m_ptr + idx, mask=inside, other=0) != 0) & inside
         r = tl.load(r_ptr + idx, mask=inside, other=0.0).to(tl.float32)
@@ -62,7 +66,7 @@ def gae_scan_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, cu_ptr, stats_ptr, ba
         d = tl.where(active, rt - vt, 0.0)
         e = tl.where(active, 0.0, 1.0)
         f = tl.where(active, vt, 0.0)
-        a, b, d, e, f = tl.associative_scan((a, b, d, e, f), 0, _compose, reverse=True)
+        a, b, d, e, f = tl.associative_scan((a, b, d, e, f), 0, _compose)
         adv = a * carry_a + b * carry_n + d
         nxt = e * carry_n + f
         adv = tl.where(valid, adv, 0.0)
@@ -72,9 +76,11 @@ def gae_scan_kernel(r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, cu_ptr, stats_ptr, ba
             s1 += tl.sum(adv, 0).to(tl.float64)
             s2 += tl.sum(adv * adv, 0).to(tl.float64)
             cnt += tl.sum(valid.to(tl.float32), 0).to(tl.float64)
-        # the leftmost position of the tile holds the state entering the next tile to the left
-        carry_a = tl.sum(tl.where(offs == 0, a * carry_a + b * carry_n + d, 0.0), 0)
-        carry_n = tl.sum(tl.where(offs == 0, nxt, 0.0), 0)
+        # the last lane (the tile's first token, or past the row start: identity maps) holds the
+        # state entering the next tile to the left
+        last = offs == BLOCK - 1
+        carry_a = tl.sum(tl.where(last, a * carry_a + b * carry_n + d, 0.0), 0)
+        carry_n = tl.sum(tl.where(last, nxt, 0.0), 0)
     tl.store(bad_ptr + 2 * row, bad_r)
     tl.store(bad_ptr + 2 * row + 1, bad_v)
     if WHITEN:
