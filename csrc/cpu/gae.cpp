@@ -77,6 +77,14 @@ void scan_rows(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, 
     for (int l = 0; l < W; ++l) {
       const int64_t n = std::clamp<int64_t>(len[l] - k0, 0, TB);
       const int64_t last = start[l] + len[l] - 1 - k0;
+      // Hardware prefetchers follow few descending streams: fetch two tiles ahead ourselves.
+      if (len[l] - k0 > 3 * TB) {
+        for (int64_t j = 2 * TB; j < 3 * TB; j += 64 / sizeof(scalar_t)) {
+          __builtin_prefetch(r + last - j);
+          __builtin_prefetch(v + last - j);
+        }
+        __builtin_prefetch(m + last - 2 * TB);
+      }
       for (int64_t j = 0; j < n; ++j) {
         R[j][l] = static_cast<float>(r[last - j]);
         V[j][l] = static_cast<float>(v[last - j]);
