@@ -187,7 +187,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_cpu(
     batch = rewards.numel() / row_len;
   }
   auto opts = rewards.options().dtype(at::kFloat);
-  at::Tensor adv = at::empty({rewards.numel()}, opts), ret = at::empty({rewards.numel()}, opts);
+  // One allocation for both outputs: two equal blocks freed together make glibc trim the heap
+  // top, and every call then pays page faults on fresh pages (measured: 2x slower at 256x1024).
+  at::Tensor out = at::empty({2, rewards.numel()}, opts);
+  at::Tensor adv = out[0], ret = out[1];
   const bool* m = mask.data_ptr<bool>();
   float* a = adv.data_ptr<float>();
   Stats st;
