@@ -3,6 +3,7 @@
 
 #include "build_info.h"
 #include "gae.h"
+#include "logprobs.h"
 
 namespace py = pybind11;
 
@@ -11,7 +12,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_cpu", &gae_cpu, "GAE, C++ CPU kernel", py::arg("rewards"), py::arg("values"),
         py::arg("mask"), py::arg("cu_seqlens"), py::arg("row_len"), py::arg("gamma"),
         py::arg("lam"), py::arg("skip"), py::arg("whiten"));
+  m.def("logprobs_fwd_cpu", &logprobs_fwd_cpu, "token log-probs + entropy, C++ CPU kernel",
+        py::arg("logits"), py::arg("labels"), py::arg("inv_temperature"), py::arg("with_entropy"));
+  m.def("logprobs_bwd_cpu", &logprobs_bwd_cpu, "grad of logprobs_fwd_cpu w.r.t. logits",
+        py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
+        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("inv_temperature"),
+        py::arg("grad_logits"));
 #ifdef RLHF_WITH_CUDA
+  m.def("logprobs_fwd_cuda", &logprobs_fwd_cuda, "token log-probs + entropy, CUDA kernel",
+        py::arg("logits"), py::arg("labels"), py::arg("inv_temperature"), py::arg("with_entropy"));
+  m.def("logprobs_bwd_cuda", &logprobs_bwd_cuda, "grad of logprobs_fwd_cuda w.r.t. logits",
+        py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
+        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("inv_temperature"),
+        py::arg("grad_logits"));
   m.def("gae_cuda", &gae_cuda, "GAE, CUDA scan kernel", py::arg("rewards"), py::arg("values"),
         py::arg("mask"), py::arg("cu_seqlens"), py::arg("row_len"), py::arg("gamma"),
         py::arg("lam"), py::arg("skip"), py::arg("whiten"));
