@@ -6,7 +6,10 @@ Every op takes backend="auto" | "cuda" | "triton" | "cpu" | "torch"; see
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from ._backends import BackendUnavailable
-from .ops import gae
+from .ops import (PPOActorOutput, PPOCriticOutput, fused_linear_logprobs,
+                  fused_linear_ppo_actor_loss, gae, logprobs, ppo_actor_loss, ppo_critic_loss)
 
 __version__ = "0.1.0"
-__all__ = ["gae", "BackendUnavailable", "__version__"]
+__all__ = ["gae", "logprobs", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
+           "fused_linear_ppo_actor_loss", "PPOActorOutput", "PPOCriticOutput",
+           "BackendUnavailable", "__version__"]

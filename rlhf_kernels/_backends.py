@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -54,13 +55,15 @@ def kernel_status(op: str, backend: str):
         ok, why = triton_status()
         if not ok:
             return ok, why
+        if importlib.util.find_spec(f"rlhf_kernels.triton.{op}") is None:
+            return False, f"no Triton kernel for {op} yet"
         if not torch.cuda.is_available() and not triton_interpret():
             return True, "no CUDA device: runs CPU tensors only with TRITON_INTERPRET=1"
         return True, None
     ext, why = extension()
     if ext is None:
         return False, why
-    if not hasattr(ext, f"{op}_{backend}"):
+    if not any(hasattr(ext, f"{op}{part}_{backend}") for part in ("", "_fwd")):
         if backend == "cuda":
             return False, ("the extension was built without CUDA "
                            f"({ext.build_info.get('cuda_reason', '?')}); rebuild with RLHF_KERNELS_CUDA=1")

@@ -1,7 +1,15 @@
-"""Autograd Functions, argument checks and backend dispatch, one module per op."""
+"""Argument checks, backend dispatch and autograd Functions, one module per op."""
+from .fused_linear import fused_linear_logprobs, fused_linear_ppo_actor_loss
 from .gae import gae
+from .logprobs import logprobs
+from .ppo_loss import PPOActorOutput, PPOCriticOutput, ppo_actor_loss, ppo_critic_loss
 
-# op name -> backends it has (the report iterates this)
-OPS = {"gae": ("cuda", "triton", "cpu", "torch")}
+# op name -> backends it has (the report iterates this). The PPO losses and the fused-linear
+# ops run on the logprobs kernels; the critic loss is elementwise torch on every device.
+OPS = {
+    "gae": ("cuda", "triton", "cpu", "torch"),
+    "logprobs": ("cuda", "triton", "cpu", "torch"),
+}
 
-__all__ = ["gae", "OPS"]
+__all__ = ["gae", "logprobs", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
+           "fused_linear_ppo_actor_loss", "PPOActorOutput", "PPOCriticOutput", "OPS"]
