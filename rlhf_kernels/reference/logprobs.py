@@ -16,5 +16,7 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.
     logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # -inf logits (masked vocabulary) have p = 0: their term is 0, and so is its gradient
+    finite = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros_like(logp_all))
+    entropy = -(logp_all.exp() * finite).sum(-1)
     return logp, entropy
