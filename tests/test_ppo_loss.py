@@ -47,6 +47,7 @@ def make_batch(rng, batch, length, vocab, dtype=torch.float32):
     x = (torch.randn(batch, length, vocab, generator=rng) * 2).to(dtype)
     y = torch.randint(0, vocab, (batch, length), generator=rng)
     mask = torch.rand(batch, length, generator=rng) > 0.25
+    mask[0, 0] = True  # at least one valid token
     if batch >= 3:
         mask[2] = False  # a row with no valid token
     true_logp, _ = logprobs64(x, y)
@@ -111,8 +112,6 @@ def test_actor_loss_shapes_dtypes(rng, backend, dtype, batch, length, vocab):
     if backend == "triton" and not torch.cuda.is_available() and vocab > 1000:
         pytest.skip("Triton interpreter (no GPU): small shapes only")
     x, y, old, adv, mask, ref = make_batch(rng, batch, length, vocab, dtype)
-    mask[0, 0] = True
-    y[0, 0] = 0
     run_and_compare(backend, x, y, old, adv, mask, ref, kl_coef=0.05, entropy_coef=0.01)
 
 
