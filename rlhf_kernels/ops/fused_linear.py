@@ -19,7 +19,7 @@ import torch
 
 from .. import _backends
 from . import _checks
-from .logprobs import check_logits_labels, check_temperature, kernels
+from .logprobs import check_labels, check_temperature, kernels
 from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_options, check_token_tensor
 
 
@@ -101,13 +101,15 @@ def _prepare(hidden, weight, labels, mask, chunk_size):
                          f"dim), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    _checks.same_device(hidden=hidden, weight=weight)
-    # validate labels against V with a zero-stride stand-in for the logits (no memory)
-    fake = weight.new_empty(()).expand(*hidden.shape[:-1], weight.shape[0])
-    _, labels = check_logits_labels(fake, labels, mask)
+    if hidden.numel() == 0:
+        raise ValueError(f"hidden is empty (shape {tuple(hidden.shape)})")
+    _checks.same_device(hidden=hidden, weight=weight,
+                        labels=labels if isinstance(labels, torch.Tensor) else None)
+    labels = check_labels(labels, hidden.shape[:-1], weight.shape[0], mask)
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     n = flat_h.shape[0]
-    chunk = chunk_size or default_chunk_size(n, hidden.shape[-1], weight.shape[0])
+    chunk = (default_chunk_size(n, hidden.shape[-1], weight.shape[0]) if chunk_size is None
+             else chunk_size)
     if int(chunk) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return flat_h, weight, labels.reshape(-1), int(chunk)

@@ -55,37 +55,41 @@ class LogProbsFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def check_logits_labels(logits, labels, mask=None):
-    """Validated (logits [B, T, V] with a contiguous last dim, labels [B, T] int64).
-
-    2-D logits [N, V] with labels [N] are taken as B = 1. Labels are checked to be in [0, V)
-    where mask is 1; masked labels are replaced by 0 (they are padding)."""
-    logits = _checks.float_tensor("logits", logits)
+def check_labels(labels, shape, vocab: int, mask=None) -> torch.Tensor:
+    """labels of `shape` as int64, in [0, vocab) where mask is 1; masked labels (padding)
+    become 0 so that kernels never index with them."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] (or [N, V]), got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without "
-                         f"the vocabulary dim), got {tuple(labels.shape)}")
-    if logits.numel() == 0:
-        raise ValueError(f"logits is empty (shape {tuple(logits.shape)})")
-    _checks.same_device(logits=logits, labels=labels, mask=mask)
-    vocab = logits.shape[-1]
+    if labels.shape != shape:
+        raise ValueError(f"labels must have shape {tuple(shape)} (logits without the vocabulary "
+                         f"dim), got {tuple(labels.shape)}")
     labels = labels.long()
     valid = labels if mask is None else labels[mask]
-    if valid.numel() and bool(((valid < 0) | (valid >= vocab)).any()):
-        bad = valid[(valid < 0) | (valid >= vocab)][0].item()
+    out_of_range = (valid < 0) | (valid >= vocab)
+    if valid.numel() and bool(out_of_range.any()):
+        bad = valid[out_of_range][0].item()
         raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary of logits), found {bad}")
-    if mask is not None:
-        labels = torch.where(mask, labels, 0)
+    return (labels if mask is None else torch.where(mask, labels, 0)).contiguous()
+
+
+def check_logits_labels(logits, labels, mask=None):
+    """Validated (logits [B, T, V] with a contiguous last dim, labels [B, T] int64).
+    2-D logits [N, V] with labels [N] are taken as B = 1."""
+    logits = _checks.float_tensor("logits", logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] (or [N, V]), got shape {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits is empty (shape {tuple(logits.shape)})")
+    _checks.same_device(logits=logits, labels=labels if isinstance(labels, torch.Tensor)
+                        else None, mask=mask)
+    labels = check_labels(labels, logits.shape[:-1], logits.shape[-1], mask)
     if logits.dim() == 2:
         logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    return logits, labels.contiguous()
+    return logits, labels
 
 
 def check_temperature(temperature) -> float:
