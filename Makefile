@@ -38,11 +38,13 @@ bench-smoke: build
 demo: build
 	$(PY) -m rlhf_kernels report
 	$(PY) benchmarks/bench_gae.py --shapes 64x512,256x1024 --modes zero,skip
+	$(PY) benchmarks/bench_ppo_loss.py --shapes 2x128x32000 --linear-shapes "" --repeats 3
 	@echo "The RLHF trainer (rlhf sft | rm | ppo | demo) is not there yet: the kernels above are."
 
+DEVICE = $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 bench: build
-	$(PY) benchmarks/bench_gae.py --out benchmarks/results/gae_$$($(PY) -c \
-		"import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").md
+	$(PY) benchmarks/bench_gae.py --out benchmarks/results/gae_$(DEVICE).md
+	$(PY) benchmarks/bench_ppo_loss.py --out benchmarks/results/ppo_loss_$(DEVICE).md
 
 test-gpu: build
 	$(PY) -m pytest -q -m "gpu or triton"

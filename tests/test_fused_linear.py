@@ -50,7 +50,9 @@ def test_fused_linear_logprobs_matches_float64(rng, backend, chunk):
 
 
 @pytest.mark.parametrize("backend", backend_params("logprobs"))
-def test_fused_linear_ppo_equals_unfused(rng, backend):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm"])
+def test_fused_linear_ppo_equals_unfused(rng, backend, agg):
     dev = device_for(backend)
     B, T, H, V = 2, 6, 16, 200
     h = torch.randn(B, T, H, generator=rng)
@@ -62,7 +64,7 @@ def test_fused_linear_ppo_equals_unfused(rng, backend):
     adv = torch.randn(B, T, generator=rng)
     ref = torch.randn(B, T, generator=rng) - 5
     kw = dict(ref_logprobs=ref.to(dev), kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
-              agg="seq-mean-token-mean", backend=backend)
+              agg=agg, backend=backend)
     outs = []
     for fused in (True, False):
         hd = h.to(dev).detach().clone().requires_grad_()

@@ -200,7 +200,8 @@ def test_critic_loss_matches_float64(rng, agg):
     out = rlhf_kernels.ppo_critic_loss(v, old, ret, mask, clip=0.2, agg=agg)
     out.loss.backward()
     v64 = v.detach().double().requires_grad_()
-    vc = old.double() + torch.clamp(v64 - old.double(), -0.2, 0.2)
+    diff = v64 - old.double()
+    vc = v64 + (torch.clamp(diff, -0.2, 0.2) - diff)  # old + clamp(diff), exact when unclipped
     per_token = 0.5 * torch.maximum((v64 - ret.double()) ** 2, (vc - ret.double()) ** 2)
     zero = torch.zeros_like(per_token)
     sums, counts = torch.where(mask, per_token, zero).sum(-1), mask.sum(-1).double()

@@ -5,11 +5,16 @@
     fused_linear_ppo_actor_loss(hidden, weight, labels, old_logprobs, advantages, mask, *,
                                 <the options of ppo_actor_loss>, chunk_size=None, backend="auto")
 
-hidden [B, T, H] (or [N, H]), weight [V, H] (the LM head, no bias). Forward: per chunk of
-tokens, logits = hidden_c @ weight.T, then the log-prob kernel; only (logp, entropy, lse) per
-token are kept. Backward: per chunk, the logits are recomputed, the kernel turns them into
-grad-logits in place, and grad_hidden_c = g @ weight, grad_weight += g.T @ hidden_c (float32
-accumulation for low-precision weights). Peak extra memory: one [chunk, V] logits block.
+hidden [B, T, H] (or [N, H]), weight [V, H] (the LM head, no bias). Per chunk of tokens,
+logits = hidden_c @ weight.T, then the log-prob kernel. Peak extra memory: one [chunk, V]
+logits block (plus a float32 grad-weight accumulator for low-precision weights).
+
+- fused_linear_logprobs: only (logp, entropy, lse) per token are kept; backward recomputes each
+  chunk's logits, turns them into grad-logits in place, and accumulates
+  grad_hidden_c = g @ weight, grad_weight += g.T @ hidden_c. Four matmuls in all.
+- fused_linear_ppo_actor_loss: a token's loss depends on its own log-prob and entropy only (the
+  aggregation weights come from the mask), so each chunk's gradient is known in the forward:
+  it is computed there and backward only scales it. Three matmuls, as the unfused head.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import math
 import torch
 
 from .. import _backends
+from ..reference import ppo_loss as F
 from . import _checks
 from .logprobs import check_labels, check_temperature, kernels
 from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_options, check_token_tensor
@@ -91,6 +97,50 @@ class FusedLinearLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
+class FusedLinearPPOLoss(torch.autograd.Function):
+    """Loss and its gradient in one pass over the chunks; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, inv_temperature, chunk, backend, token_loss,
+                weights):
+        fwd, bwd = _torch_kernels() if backend == "torch" else kernels(backend)
+        n = hidden.shape[0]
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logp = torch.empty(n, dtype=out_dtype, device=hidden.device)
+        ent = torch.empty_like(logp)
+        loss = torch.zeros((), dtype=out_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        for s in range(0, n, chunk):
+            h, y = hidden[s:s + chunk], labels[None, s:s + chunk]
+            logits = (h @ weight.t()).unsqueeze(0)
+            lp, en, lse = fwd(logits, y, inv_temperature, True)
+            with torch.enable_grad():
+                lp_, en_ = lp[0].detach().requires_grad_(), en[0].detach().requires_grad_()
+                part = (weights[s:s + chunk] * token_loss(lp_, en_, slice(s, s + chunk))).sum()
+                g_lp, g_en = torch.autograd.grad(part, (lp_, en_), allow_unused=True)
+            g_lp = torch.zeros_like(lp_) if g_lp is None else g_lp
+            bwd(logits, y, lse, en if g_en is not None else None, g_lp[None],
+                None if g_en is None else g_en[None], inv_temperature, logits)
+            g = logits[0]
+            grad_hidden[s:s + chunk] = g @ weight
+            grad_weight.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
+            loss += part.detach()
+            logp[s:s + chunk], ent[s:s + chunk] = lp[0], en[0]
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_ent):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(grad_hidden.dtype)
+        return (grad_hidden * scale, (grad_weight * grad_loss).to(ctx.weight_dtype),
+                None, None, None, None, None, None)
+
+
 def _prepare(hidden, weight, labels, mask, chunk_size):
     hidden = _checks.float_tensor("hidden", hidden)
     weight = _checks.float_tensor("weight", weight)
@@ -148,8 +198,26 @@ def fused_linear_ppo_actor_loss(hidden, weight, labels, old_logprobs, advantages
     check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
                   entropy_coef, agg, ratio_clamp)
     temperature = check_temperature(temperature)
-    logp, ent = _run(flat_h, weight, flat_y, temperature, True, chunk, backend)
-    return actor_loss_from_logprobs(
-        logp.view(shape), ent.view(shape), old_logprobs, advantages, mask, clip_low=clip_low,
-        clip_high=clip_high, dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, agg=agg, ratio_clamp=ratio_clamp)
+    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef, ratio_clamp=ratio_clamp)
+    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+    flat_mask = mask.reshape(-1)
+    zero = torch.zeros((), device=hidden.device)
+    old, adv, ref = (None if x is None else torch.where(flat_mask, flat(x).float(), zero)
+                     for x in (old_logprobs, advantages, ref_logprobs))
+
+    def token_loss(lp, en, part):  # the same per-token formulas as ppo_actor_loss
+        return F.actor_token_loss(lp, en, old[part].to(lp.dtype), adv[part].to(lp.dtype),
+                                  ref_logp=None if ref is None else ref[part].to(lp.dtype),
+                                  **opts)[0]
+
+    weights = F.aggregation_weights(mask, agg).reshape(-1)
+    name = _backends.resolve("logprobs", backend, flat_h.device)
+    loss, logp, ent = FusedLinearPPOLoss.apply(flat_h, weight, flat_y, 1.0 / temperature, chunk,
+                                              name, token_loss, weights)
+    with torch.no_grad():
+        out = actor_loss_from_logprobs(logp.view(shape), ent.view(shape), old_logprobs,
+                                       advantages, mask, ref_logprobs=ref_logprobs, agg=agg,
+                                       **opts)
+    out.loss = loss  # the same value, with the gradient computed in the chunk pass
+    return out

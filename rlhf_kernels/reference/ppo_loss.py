@@ -49,30 +49,40 @@ def actor_token_loss(logp, entropy, old_logp, advantages, *, clip_low=0.2, clip_
 
 def critic_token_loss(values, old_values, returns, clip=0.2):
     """Per-token clipped value loss: 0.5 * max((v - R)^2, (v_clipped - R)^2)."""
-    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    diff = values - old_values
+    # = old + clamp(diff), written so that an unclipped value stays bit-identical to `values`
+    # (old + (v - old) can round away from v, and clipfrac would count the token)
+    v_clipped = values + (torch.clamp(diff, -clip, clip) - diff)
     unclipped = (values - returns) ** 2
     clipped = (v_clipped - returns) ** 2
     return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] under mask to a scalar.
+def aggregation_weights(mask: torch.Tensor, agg: str, dtype=torch.float32) -> torch.Tensor:
+    """Per-token weights w with aggregate(loss) = sum(w * loss); w = 0 where the mask is 0.
 
     token-mean: sum(m*l) / sum(m); seq-mean-token-mean: mean over rows of sum_t(m*l)/sum_t(m);
     seq-mean-token-sum: mean over rows of sum_t(m*l); seq-mean-token-sum-norm: sum(m*l) / (B*T).
     Rows (or batches) with no valid token contribute 0 instead of 0/0.
     """
-    m = mask.to(loss.dtype)
-    masked = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    m = mask.to(dtype)
+    batch = mask.shape[0]
     if agg == "token-mean":
-        return masked.sum() / m.sum().clamp(min=1.0)
+        return m / m.sum().clamp(min=1.0)
     if agg == "seq-mean-token-mean":
-        return (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * batch)
     if agg == "seq-mean-token-sum":
-        return masked.sum(-1).mean()
+        return m / batch
     if agg == "seq-mean-token-sum-norm":
-        return masked.sum() / loss.numel()
+        return m / mask.numel()
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] under mask to a scalar (see aggregation_weights)."""
+    weights = aggregation_weights(mask, agg, loss.dtype)
+    masked = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    return (weights * masked).sum()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
