@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../gae.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -31,16 +32,8 @@ typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 typedef double vd __attribute__((vector_size(W * sizeof(double))));
 
-template <typename V, typename T>
-inline V load(const T* p) {
-  V x;
-  std::memcpy(&x, p, sizeof(V));
-  return x;
-}
-template <typename V, typename T>
-inline void store(T* p, const V& x) {
-  std::memcpy(p, &x, sizeof(V));
-}
+using rlhf_cpu::vload;
+using rlhf_cpu::vstore;
 
 struct Rows {
   const int32_t* cu;  // packed offsets, or nullptr for padded rows of row_len
@@ -96,9 +89,9 @@ void scan_rows(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, 
       }
     }
     for (int j = 0; j < TB; ++j) {
-      const vi valid = load<vi>(M[j]);
-      const vf rt = valid ? load<vf>(R[j]) : zero;  // select, never multiply: padding may be NaN
-      const vf vt = valid ? load<vf>(V[j]) : zero;
+      const vi valid = vload<vi>(M[j]);
+      const vf rt = valid ? vload<vf>(R[j]) : zero;  // select, never multiply: padding may be NaN
+      const vf vt = valid ? vload<vf>(V[j]) : zero;
       const vf a_new = gl * A + g * N + (rt - vt);
       if (SKIP) {
         A = valid ? a_new : A;
@@ -108,8 +101,8 @@ void scan_rows(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, 
         N = vt;
       }
       const vf out_a = valid ? A : zero;
-      store(OA[j], out_a);
-      store(OR[j], valid ? A + vt : zero);
+      vstore(OA[j], out_a);
+      vstore(OR[j], valid ? A + vt : zero);
       bad_r += rt - rt;  // NaN iff a valid input was inf or NaN
       bad_v += vt - vt;
       if (WHITEN) {

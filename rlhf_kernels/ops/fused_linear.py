@@ -26,7 +26,7 @@ from .. import _backends
 from ..reference import ppo_loss as F
 from . import _checks
 from .logprobs import check_labels, check_temperature, kernels
-from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_options, check_token_tensor
+from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_ppo_inputs
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
@@ -191,15 +191,11 @@ def fused_linear_ppo_actor_loss(hidden, weight, labels, old_logprobs, advantages
     shape = hidden.shape[:-1]
     mask = _checks.mask_tensor("mask", mask, shape)
     flat_h, weight, flat_y, chunk = _prepare(hidden, weight, labels, mask, chunk_size)
-    old_logprobs = check_token_tensor("old_logprobs", old_logprobs, shape, hidden.device)
-    advantages = check_token_tensor("advantages", advantages, shape, hidden.device)
-    if ref_logprobs is not None:
-        ref_logprobs = check_token_tensor("ref_logprobs", ref_logprobs, shape, hidden.device)
-    check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
-                  entropy_coef, agg, ratio_clamp)
-    temperature = check_temperature(temperature)
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, ratio_clamp=ratio_clamp)
+    old_logprobs, advantages, ref_logprobs = check_ppo_inputs(
+        shape, hidden.device, old_logprobs, advantages, ref_logprobs, agg=agg, **opts)
+    temperature = check_temperature(temperature)
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     flat_mask = mask.reshape(-1)
     zero = torch.zeros((), device=hidden.device)

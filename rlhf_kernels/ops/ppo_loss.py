@@ -48,6 +48,19 @@ def check_token_tensor(name, x, shape, device):
     return x
 
 
+def check_ppo_inputs(shape, device, old_logprobs, advantages, ref_logprobs, *, clip_low,
+                     clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, agg,
+                     ratio_clamp):
+    """Checked (old_logprobs, advantages, ref_logprobs) of `shape`, and checked options."""
+    old_logprobs = check_token_tensor("old_logprobs", old_logprobs, shape, device)
+    advantages = check_token_tensor("advantages", advantages, shape, device)
+    if ref_logprobs is not None:
+        ref_logprobs = check_token_tensor("ref_logprobs", ref_logprobs, shape, device)
+    check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
+                  entropy_coef, agg, ratio_clamp)
+    return old_logprobs, advantages, ref_logprobs
+
+
 def check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
                   entropy_coef, agg, ratio_clamp):
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high),
@@ -98,18 +111,14 @@ def ppo_actor_loss(logits, labels, old_logprobs, advantages, mask, *, clip_low=0
     shape = logits.shape[:-1]
     mask = _checks.mask_tensor("mask", mask, shape)
     logits, labels = check_logits_labels(logits, labels, mask)
-    old_logprobs = check_token_tensor("old_logprobs", old_logprobs, shape, logits.device)
-    advantages = check_token_tensor("advantages", advantages, shape, logits.device)
-    if ref_logprobs is not None:
-        ref_logprobs = check_token_tensor("ref_logprobs", ref_logprobs, shape, logits.device)
-    check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
-                  entropy_coef, agg, ratio_clamp)
+    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef, ratio_clamp=ratio_clamp)
+    old_logprobs, advantages, ref_logprobs = check_ppo_inputs(
+        shape, logits.device, old_logprobs, advantages, ref_logprobs, agg=agg, **opts)
     temperature = check_temperature(temperature)
     logp, entropy = token_logprobs(logits, labels, temperature, True, backend, inplace_backward)
-    return actor_loss_from_logprobs(
-        logp, entropy, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, agg=agg, ratio_clamp=ratio_clamp)
+    return actor_loss_from_logprobs(logp, entropy, old_logprobs, advantages, mask,
+                                    ref_logprobs=ref_logprobs, agg=agg, **opts)
 
 
 def ppo_critic_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
