@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "build_info.h"
+#include "decode.h"
 #include "gae.h"
 #include "logprobs.h"
 
@@ -18,6 +19,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("inv_temperature"),
         py::arg("grad_logits"));
+  m.def("decode_attention_cpu", &decode_attention_cpu, "decode attention, C++ CPU kernel",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"),
+        py::arg("k_new"), py::arg("v_new"), py::arg("cache_start"), py::arg("softmax_scale"));
+  m.def("sample_cpu", &sample_cpu, "temperature / top-k / top-p sampling, C++ CPU kernel",
+        py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("uniforms"));
 #ifdef RLHF_WITH_CUDA
   m.def("logprobs_fwd_cuda", &logprobs_fwd_cuda, "token log-probs + entropy, CUDA kernel",
         py::arg("logits"), py::arg("labels"), py::arg("inv_temperature"), py::arg("with_entropy"));

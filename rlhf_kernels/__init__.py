@@ -6,10 +6,11 @@ Every op takes backend="auto" | "cuda" | "triton" | "cpu" | "torch"; see
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from ._backends import BackendUnavailable
-from .ops import (PPOActorOutput, PPOCriticOutput, fused_linear_logprobs,
-                  fused_linear_ppo_actor_loss, gae, logprobs, ppo_actor_loss, ppo_critic_loss)
+from .ops import (PPOActorOutput, PPOCriticOutput, decode_attention, fused_linear_logprobs,
+                  fused_linear_ppo_actor_loss, gae, logprobs, ppo_actor_loss, ppo_critic_loss,
+                  sample)
 
 __version__ = "0.1.0"
-__all__ = ["gae", "logprobs", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
+__all__ = ["gae", "logprobs", "decode_attention", "sample", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
            "fused_linear_ppo_actor_loss", "PPOActorOutput", "PPOCriticOutput",
            "BackendUnavailable", "__version__"]

@@ -1,4 +1,5 @@
 """Argument checks, backend dispatch and autograd Functions, one module per op."""
+from .decode import decode_attention, sample
 from .fused_linear import fused_linear_logprobs, fused_linear_ppo_actor_loss
 from .gae import gae
 from .logprobs import logprobs
@@ -9,7 +10,9 @@ from .ppo_loss import PPOActorOutput, PPOCriticOutput, ppo_actor_loss, ppo_criti
 OPS = {
     "gae": ("cuda", "triton", "cpu", "torch"),
     "logprobs": ("cuda", "triton", "cpu", "torch"),
+    "decode_attention": ("cuda", "triton", "cpu", "torch"),
+    "sample": ("cuda", "triton", "cpu", "torch"),
 }
 
-__all__ = ["gae", "logprobs", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
+__all__ = ["gae", "logprobs", "decode_attention", "sample", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
            "fused_linear_ppo_actor_loss", "PPOActorOutput", "PPOCriticOutput", "OPS"]

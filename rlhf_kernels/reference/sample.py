@@ -41,8 +41,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
         uniforms = torch.rand(z.shape[0], generator=generator, device=z.device)
     cdf = probs.cumsum(-1)
     target = uniforms[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, target, right=True).clamp(max=z.shape[-1] - 1)
-    # never land on a dropped token through rounding at a flat stretch of the cdf
-    tokens = torch.where(probs.gather(-1, tokens[:, None]).squeeze(-1) > 0, tokens,
-                         probs.argmax(-1))
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # past the end through rounding at the top of the cdf: the last kept token
+    index = torch.arange(z.shape[-1], device=z.device)
+    last_kept = torch.where(probs > 0, index, -1).max(-1).values
+    tokens = torch.where(tokens < z.shape[-1], tokens, last_kept)
     return tokens, logp_full.gather(-1, tokens[:, None]).squeeze(-1)

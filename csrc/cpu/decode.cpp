@@ -1,0 +1,185 @@
+// Decode attention and sampling on the CPU (contract in ../decode.h).
+//
+// Attention: one task per (sequence, KV head) runs the query heads of its group together, so
+// each cached K/V row is read once per group: scores for the visible positions, softmax,
+// weighted sum of V, all in float32. Sampling: one task per row; top-k through nth_element,
+// top-p through a sort of the probabilities (V log V is small next to a decode step), then
+// the inverse CDF of the kept tokens in index order.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../decode.h"
+
+namespace {
+
+template <typename scalar_t>
+void attend_group(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
+                  int64_t group, int64_t D, int64_t lo, int64_t hi, float scale,
+                  std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t n = std::max<int64_t>(hi - lo, 0);
+  for (int64_t g = 0; g < group; ++g) {
+    const scalar_t* qg = q + g * D;
+    float m = -std::numeric_limits<float>::infinity();
+    scores.resize(n);
+    for (int64_t s = 0; s < n; ++s) {
+      const scalar_t* ks = k + (lo + s) * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(qg[d]) * static_cast<float>(ks[d]);
+      scores[s] = dot * scale;
+      m = std::max(m, scores[s]);
+    }
+    float sum = 0.f;
+    for (int64_t s = 0; s < n; ++s) sum += (scores[s] = std::exp(scores[s] - m));
+    acc.assign(D, 0.f);
+    for (int64_t s = 0; s < n; ++s) {
+      const scalar_t* vs = v + (lo + s) * D;
+      const float p = scores[s] / sum;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(vs[d]);
+    }
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<scalar_t>(acc[d]);  // 0 if n = 0
+  }
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.is_contiguous(), what,
+              " must be contiguous with the dtype of q");
+}
+
+}  // namespace
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                const c10::optional<at::Tensor>& k_new,
+                                const c10::optional<at::Tensor>& v_new,
+                                const c10::optional<at::Tensor>& cache_start,
+                                double softmax_scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "decode_attention_cpu: q [B, Hq, D], caches [B, Hkv, S, D]");
+  check_same(q, q, "q");
+  check_same(k_cache, q, "k_cache");
+  check_same(v_cache, q, "v_cache");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && Hq % Hkv == 0,
+              "decode_attention_cpu: cache shape does not match q");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.numel() == B,
+              "decode_attention_cpu: cache_seqlens must be int32 [B]");
+  const at::Tensor lens = cache_seqlens.contiguous();
+  const at::Tensor starts = cache_start.has_value() ? cache_start->contiguous()
+                                                    : at::zeros({B}, lens.options());
+  const int32_t* len = lens.data_ptr<int32_t>();
+  const int32_t* start = starts.data_ptr<int32_t>();
+  const bool append = k_new.has_value() && k_new->defined();
+  at::Tensor out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention_cpu", [&] {
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    if (append) {
+      check_same(*k_new, q, "k_new");
+      check_same(*v_new, q, "v_new");
+      const scalar_t* kn = k_new->data_ptr<scalar_t>();
+      const scalar_t* vn = v_new->data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(len[b] >= 0 && len[b] < S, "decode_attention_cpu: no room in the cache");
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const int64_t dst = ((b * Hkv + h) * S + len[b]) * D, src = (b * Hkv + h) * D;
+          std::copy(kn + src, kn + src + D, kc + dst);
+          std::copy(vn + src, vn + src + D, vc + dst);
+        }
+      }
+    }
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t group = Hq / Hkv;
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t lo_task, int64_t hi_task) {
+      std::vector<float> scores, acc;
+      for (int64_t task = lo_task; task < hi_task; ++task) {
+        const int64_t b = task / Hkv, h = task % Hkv;
+        const int64_t hi = std::min<int64_t>(len[b] + (append ? 1 : 0), S);
+        const int64_t lo = std::max<int64_t>(start[b], 0);
+        const int64_t q_off = (b * Hq + h * group) * D, kv_off = (b * Hkv + h) * S * D;
+        attend_group(qp + q_off, kc + kv_off, vc + kv_off, op + q_off, group, D, lo, hi,
+                     static_cast<float>(softmax_scale), scores, acc);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, double temperature,
+                                              int64_t top_k, double top_p,
+                                              const at::Tensor& uniforms) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sample_cpu: logits [B, V] contiguous");
+  TORCH_CHECK(uniforms.scalar_type() == at::kFloat && uniforms.numel() == logits.size(0),
+              "sample_cpu: uniforms must be float32 [B]");
+  TORCH_CHECK(temperature > 0, "sample_cpu: temperature must be > 0");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor z_all = logits.to(at::kFloat).contiguous();
+  const at::Tensor u_all = uniforms.contiguous();
+  at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  at::Tensor logp = at::empty({B}, logits.options().dtype(at::kFloat));
+  const float* zp = z_all.data_ptr<float>();
+  const float* up = u_all.data_ptr<float>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* lp = logp.data_ptr<float>();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> z(V), p(V), tmp;
+    for (int64_t b = lo; b < hi; ++b) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < V; ++j) m = std::max(m, z[j] = zp[b * V + j] * inv_t);
+      double sum = 0;  // double: the behaviour log-prob must match training's recompute
+      for (int64_t j = 0; j < V; ++j) sum += (p[j] = std::exp(z[j] - m));
+      for (int64_t j = 0; j < V; ++j) p[j] = static_cast<float>(p[j] / sum);
+      const float lse = m + static_cast<float>(std::log(sum));
+      // kept: z >= z_kth (top-k, ties kept) and p >= p_min (top-p: strictly-above mass < top_p)
+      float z_kth = -std::numeric_limits<float>::infinity();
+      if (top_k > 0 && top_k < V) {
+        tmp = z;
+        std::nth_element(tmp.begin(), tmp.begin() + (top_k - 1), tmp.end(), std::greater<>());
+        z_kth = tmp[top_k - 1];
+      }
+      float p_min = 0.f;
+      if (top_p < 1.0) {
+        tmp = p;
+        std::sort(tmp.begin(), tmp.end(), std::greater<>());
+        double above = 0;  // mass of the tokens strictly more probable than the current group
+        for (int64_t i = 0; i < V;) {
+          int64_t j = i;
+          double group = 0;
+          while (j < V && tmp[j] == tmp[i]) group += tmp[j++];
+          if (above >= top_p) break;
+          p_min = tmp[i];
+          above += group;
+          i = j;
+        }
+      }
+      double total = 0;
+      int64_t last = 0;
+      for (int64_t j = 0; j < V; ++j)
+        if (z[j] >= z_kth && p[j] >= p_min) total += p[j], last = j;
+      const double target = static_cast<double>(up[b]) * total;
+      double cum = 0;
+      int64_t token = last;  // rounding at the top of the cdf: the last kept token
+      for (int64_t j = 0; j < V; ++j) {
+        if (!(z[j] >= z_kth && p[j] >= p_min)) continue;
+        cum += p[j];
+        if (cum > target) {
+          token = j;
+          break;
+        }
+      }
+      tp[b] = token;
+      lp[b] = z[token] - lse;
+    }
+  });
+  return {tokens, logp};
+}
