@@ -174,3 +174,18 @@ def test_sample_greedy_and_bad_input():
         rlhf_kernels.sample(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="logits must be a non-empty"):
         rlhf_kernels.sample(torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("top_k", [0, 1, 3, 50])
+def test_reference_kept_set_is_the_definition(rng, top_k, top_p):
+    # brute force over pairs: kept iff among the top_k values (ties kept) and the mass of the
+    # strictly more probable tokens is below top_p
+    z = torch.randint(-3, 3, (3, 40), generator=rng).float()  # many ties
+    keep = ref_sample.kept_mask(z, top_k, top_p)
+    p = torch.softmax(z, -1)
+    for b in range(3):
+        for i in range(40):
+            rank_ok = top_k == 0 or int((z[b] > z[b, i]).sum()) < top_k
+            mass_ok = top_p >= 1.0 or float(p[b][p[b] > p[b, i]].sum()) < top_p
+            assert bool(keep[b, i]) == (rank_ok and mass_ok), (b, i)
