@@ -35,6 +35,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_cuda", &gae_cuda, "GAE, CUDA scan kernel", py::arg("rewards"), py::arg("values"),
         py::arg("mask"), py::arg("cu_seqlens"), py::arg("row_len"), py::arg("gamma"),
         py::arg("lam"), py::arg("skip"), py::arg("whiten"));
+  m.def("decode_attention_cuda", &decode_attention_cuda,
+        "decode attention (flash-decoding, split KV), CUDA kernel", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("k_new"),
+        py::arg("v_new"), py::arg("cache_start"), py::arg("softmax_scale"));
+  m.def("sample_cuda", &sample_cuda, "temperature / top-k / top-p sampling, CUDA kernel",
+        py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("uniforms"));
 #endif
   py::dict info;
   info["cuda"] = RLHF_BUILD_CUDA;

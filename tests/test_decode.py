@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rlhf_kernels
+from rlhf_kernels.ops.decode import CUDA_HEAD_DIMS
 from rlhf_kernels.reference import sample as ref_sample
 from conftest import backend_params, device_for
 from logprobs_oracle import fwd_tolerance
@@ -37,6 +38,8 @@ def attention64(q, k, v, lengths, start, scale):
 def test_decode_attention_matches_float64(rng, backend, dtype, heads, dim, s_max, append):
     if backend == "triton" and not torch.cuda.is_available() and (s_max > 17 or dim > 16):
         pytest.skip("Triton interpreter (no GPU): small shapes only")
+    if backend == "cuda" and dim not in CUDA_HEAD_DIMS:
+        pytest.skip(f"the CUDA kernel supports head dims {CUDA_HEAD_DIMS}")
     batch, (hq, hkv) = 3, heads
     q = torch.randn(batch, hq, dim, generator=rng).to(dtype)
     k = torch.randn(batch, hkv, s_max, dim, generator=rng).to(dtype)

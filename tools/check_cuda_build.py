@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-ENTRY_POINTS = ["gae_cuda", "logprobs_fwd_cuda", "logprobs_bwd_cuda"]
+ENTRY_POINTS = ["gae_cuda", "logprobs_fwd_cuda", "logprobs_bwd_cuda", "decode_attention_cuda",
+                "sample_cuda"]
 
 
 def main(build_lib: str, archs: str) -> int:

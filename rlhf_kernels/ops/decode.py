@@ -19,6 +19,8 @@ from ..reference import decode_attention as ref_attention
 from ..reference import sample as ref_sample
 from . import _checks
 
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)  # csrc/cuda/decode.cu instantiates these
+
 
 def _int_vector(name, x, batch, device):
     if not isinstance(x, torch.Tensor):
@@ -86,6 +88,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
             raise ValueError("cache_start must be >= 0")
     scale = 1.0 / math.sqrt(dim) if softmax_scale is None else float(softmax_scale)
     name = _backends.resolve("decode_attention", backend, device)
+    if name == "cuda" and dim not in CUDA_HEAD_DIMS:
+        if backend == "cuda":
+            raise ValueError(f"the CUDA decode kernel supports head dims {CUDA_HEAD_DIMS}, got "
+                             f"{dim}; use backend='triton' or 'torch'")
+        name = "triton" if _backends.kernel_status("decode_attention", "triton")[0] else "torch"
     q = q.contiguous()
     if name == "torch":
         return ref_attention.decode_attention(q, k_cache, v_cache, lengths, k_new, v_new,
