@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rlhf_kernels
+from rlhf_kernels._backends import triton_interpret
 from rlhf_kernels.ops.decode import CUDA_HEAD_DIMS
 from rlhf_kernels.reference import sample as ref_sample
 from conftest import backend_params, device_for
@@ -67,8 +68,10 @@ def test_decode_attention_matches_float64(rng, backend, dtype, heads, dim, s_max
     # the cache holds exactly the new tokens at their positions, and nothing else changed
     assert torch.equal(kd.cpu(), k_ref) and torch.equal(vd.cpu(), v_ref)
     want = attention64(q, k_ref, v_ref, seen, start, 1 / math.sqrt(dim))
-    # float32 dot products over D and sums over S, then rounding to the output dtype
-    tol = 2.0 ** -24 * (dim + s_max) * 16 + ULP[dtype] * want.abs().max().item()
+    # float32 dot products over D and sums over S, then rounding to the output dtype (a whole
+    # ulp under the Triton interpreter, which truncates float32 -> bfloat16)
+    rounding = ULP[dtype] * (2 if backend == "triton" and triton_interpret() else 1)
+    tol = 2.0 ** -24 * (dim + s_max) * 16 + rounding * want.abs().max().item()
     torch.testing.assert_close(out.cpu().double(), want, rtol=0, atol=tol + 1e-6)
     assert torch.all(out[1].cpu() == 0)
 
@@ -143,6 +146,9 @@ def _kernel_call(backend):
 
 @pytest.mark.parametrize("backend", backend_params("sample"))
 def test_sample_frequencies_and_reproducibility(backend):
+    if backend == "triton" and triton_interpret():
+        pytest.skip("Triton interpreter (no GPU): 20k rows of bisection take minutes; the "
+                    "interpreter run checks kept sets and the cdf in test_sample_matches_...")
     dev = device_for(backend)
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]])).repeat(4000, 1).to(dev)
     draw = lambda seed, **kw: rlhf_kernels.sample(  # noqa: E731
