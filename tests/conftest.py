@@ -32,6 +32,24 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+# kernel-level test files: Triton launchers called directly, or the CUDA entry points of _C
+TRITON_KERNEL_MARKS = [pytest.mark.triton, pytest.mark.skipif(
+    not (backends.triton_interpret() or torch.cuda.is_available()),
+    reason="Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors")]
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available()
+                             and not backends.triton_interpret() else "cpu")
+CUDA_KERNEL_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA device")]
+
+
+def cuda_extension(entry_point: str):
+    """rlhf_kernels._C, or a skip when it was built without `entry_point`."""
+    ext = pytest.importorskip("rlhf_kernels._C")
+    if not hasattr(ext, entry_point):
+        pytest.skip("rlhf_kernels._C was built without the CUDA kernels")
+    return ext
+
+
 @pytest.fixture
 def rng():
     """A fresh generator per test: inputs are random, the seed is printed on failure."""

@@ -17,11 +17,12 @@ import math
 import pytest
 import torch
 
+from conftest import CUDA_KERNEL_MARKS, cuda_extension
+
 from rlhf_kernels.reference.decode_attention import decode_attention as ref_attention
 from rlhf_kernels.reference.sample import kept_mask, sample as ref_sample
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = CUDA_KERNEL_MARKS
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 4 * 2.0**-8 + 2e-5,
@@ -30,10 +31,7 @@ ATOL = {torch.float32: 2e-5, torch.bfloat16: 4 * 2.0**-8 + 2e-5,
 
 @pytest.fixture(scope="module")
 def C():
-    ext = pytest.importorskip("rlhf_kernels._C")
-    if not hasattr(ext, "decode_attention_cuda"):
-        pytest.skip("rlhf_kernels._C was built without the CUDA kernels")
-    return ext
+    return cuda_extension("decode_attention_cuda")
 
 
 def run_attention(C, B, Hq, Hkv, D, S, dtype, lengths, starts, with_new, gen):

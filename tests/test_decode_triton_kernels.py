@@ -12,18 +12,16 @@ import math
 import pytest
 import torch
 
-from rlhf_kernels._backends import triton_interpret
+
+from conftest import TRITON_DEVICE, TRITON_KERNEL_MARKS  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from rlhf_kernels.reference.sample import kept_mask  # noqa: E402
 from rlhf_kernels.triton import decode_attention as dak  # noqa: E402
 from rlhf_kernels.triton import sample as smk  # noqa: E402
 
-pytestmark = [pytest.mark.triton, pytest.mark.skipif(
-    not (triton_interpret() or torch.cuda.is_available()),
-    reason="Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors")]
-
-DEV = torch.device("cuda" if torch.cuda.is_available() and not triton_interpret() else "cpu")
+pytestmark = TRITON_KERNEL_MARKS
+DEV = TRITON_DEVICE
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # output rounding (the interpreter truncates to bfloat16: a whole ulp) plus, on a GPU, the
 # probabilities rounded to the cache dtype for the P @ V dot

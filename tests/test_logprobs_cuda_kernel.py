@@ -24,8 +24,9 @@ import math
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from conftest import CUDA_KERNEL_MARKS, cuda_extension
+
+pytestmark = CUDA_KERNEL_MARKS
 
 VOCABS = [1, 7, 1000, 4099, 32000, 152064]  # 7 and 4099: odd, rows start off 16-byte boundaries
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -37,10 +38,7 @@ B, T = 2, 4
 
 @pytest.fixture(scope="module")
 def C():
-    ext = pytest.importorskip("rlhf_kernels._C")
-    if not hasattr(ext, "logprobs_fwd_cuda"):
-        pytest.skip("rlhf_kernels._C was built without the CUDA kernels")
-    return ext
+    return cuda_extension("logprobs_fwd_cuda")
 
 
 def make_inputs(V, dtype, gen):

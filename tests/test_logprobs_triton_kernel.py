@@ -9,14 +9,13 @@ import torch
 
 from rlhf_kernels._backends import triton_interpret
 
+from conftest import TRITON_DEVICE, TRITON_KERNEL_MARKS  # noqa: E402
+
 triton = pytest.importorskip("triton", reason="triton is not installed")
 from rlhf_kernels.triton import logprobs as lpk  # noqa: E402
 
-pytestmark = [pytest.mark.triton, pytest.mark.skipif(
-    not (triton_interpret() or torch.cuda.is_available()),
-    reason="Triton kernels need a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors")]
-
-DEV = torch.device("cuda" if torch.cuda.is_available() and not triton_interpret() else "cpu")
+pytestmark = TRITON_KERNEL_MARKS
+DEV = TRITON_DEVICE
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS32 = 2.0 ** -24
 # half an ulp, relative, of the gradient's storage dtype; the absolute term is fp16's half
