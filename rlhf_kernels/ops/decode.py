@@ -94,6 +94,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
                              f"{dim}; use backend='triton' or 'torch'")
         name = "triton" if _backends.kernel_status("decode_attention", "triton")[0] else "torch"
     q = q.contiguous()
+    if name == "cuda":  # 16-byte loads: realign views that start mid-vector (caches cannot move)
+        q, k_new, v_new = (x if x is None or x.data_ptr() % 16 == 0 else x.clone()
+                           for x in (q, k_new, v_new))
     if name == "torch":
         return ref_attention.decode_attention(q, k_cache, v_cache, lengths, k_new, v_new,
                                               cache_start=cache_start, softmax_scale=scale)
