@@ -87,27 +87,51 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
         if bool((cache_start.cpu() < 0).any()):
             raise ValueError("cache_start must be >= 0")
     scale = 1.0 / math.sqrt(dim) if softmax_scale is None else float(softmax_scale)
+    kernel = attention_kernel(backend, device, dim)
+    return kernel(q.contiguous(), k_cache, v_cache, lengths, k_new, v_new, cache_start, scale)
+
+
+def attention_kernel(backend, device, head_dim):
+    """The decode attention kernel `backend` resolves to on `device`, with no value checks:
+    f(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, scale) -> out. The
+    generation loop calls it on tensors it built itself (no host sync)."""
     name = _backends.resolve("decode_attention", backend, device)
-    if name == "cuda" and dim not in CUDA_HEAD_DIMS:
+    if name == "cuda" and head_dim not in CUDA_HEAD_DIMS:
         if backend == "cuda":
             raise ValueError(f"the CUDA decode kernel supports head dims {CUDA_HEAD_DIMS}, got "
-                             f"{dim}; use backend='triton' or 'torch'")
+                             f"{head_dim}; use backend='triton' or 'torch'")
         name = "triton" if _backends.kernel_status("decode_attention", "triton")[0] else "torch"
-    q = q.contiguous()
-    if name == "cuda":  # 16-byte loads: realign views that start mid-vector (caches cannot move)
+    if name == "torch":
+        def torch_attention(q, k_cache, v_cache, lengths, k_new, v_new, start, scale):
+            return ref_attention.decode_attention(q, k_cache, v_cache, lengths, k_new, v_new,
+                                                  cache_start=start, softmax_scale=scale)
+        return torch_attention
+    kernel = _kernel("decode_attention", name)
+    if name != "cuda":
+        return kernel
+
+    def cuda_attention(q, k_cache, v_cache, lengths, k_new, v_new, start, scale):
+        # 16-byte loads: realign views that start mid-vector (the caches cannot move)
         q, k_new, v_new = (x if x is None or x.data_ptr() % 16 == 0 else x.clone()
                            for x in (q, k_new, v_new))
+        return kernel(q, k_cache, v_cache, lengths, k_new, v_new, start, scale)
+    return cuda_attention
+
+
+def sample_kernel(backend, device):
+    """The sampling kernel for temperature > 0, with no value checks:
+    f(logits, temperature, top_k, top_p, uniforms) -> (tokens, logprobs)."""
+    name = _backends.resolve("sample", backend, device)
     if name == "torch":
-        return ref_attention.decode_attention(q, k_cache, v_cache, lengths, k_new, v_new,
-                                              cache_start=cache_start, softmax_scale=scale)
-    return _kernel("decode_attention", name)(q, k_cache, v_cache, lengths, k_new, v_new,
-                                             cache_start, scale)
+        def torch_sample(logits, temperature, top_k, top_p, uniforms):
+            return ref_sample.sample(logits, temperature, top_k, top_p, uniforms=uniforms)
+        return torch_sample
+    kernel = _kernel("sample", name)
+    return lambda logits, *args: kernel(logits.contiguous(), *args)
 
 
-def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backend="auto"):
-    logits = _checks.float_tensor("logits", logits)
-    if logits.dim() != 2 or logits.numel() == 0:
-        raise ValueError(f"logits must be a non-empty [B, V], got shape {tuple(logits.shape)}")
+def check_sampling(temperature, top_k, top_p):
+    """Validated (temperature, top_k, top_p) as (float, int, float)."""
     temperature = float(temperature)
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -115,11 +139,15 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backe
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return temperature, int(top_k), float(top_p)
+
+
+def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backend="auto"):
+    logits = _checks.float_tensor("logits", logits)
+    if logits.dim() != 2 or logits.numel() == 0:
+        raise ValueError(f"logits must be a non-empty [B, V], got shape {tuple(logits.shape)}")
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:  # greedy: no kernel needed
         return ref_sample.sample(logits, 0.0)
     uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    name = _backends.resolve("sample", backend, logits.device)
-    if name == "torch":
-        return ref_sample.sample(logits, temperature, int(top_k), float(top_p), uniforms=uniforms)
-    return _kernel("sample", name)(logits.contiguous(), temperature, int(top_k), float(top_p),
-                                   uniforms)
+    return sample_kernel(backend, logits.device)(logits, temperature, top_k, top_p, uniforms)

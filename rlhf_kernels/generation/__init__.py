@@ -1,0 +1,8 @@
+"""Fused KV-cache generation for Hugging Face causal LMs (see loop.py)."""
+from .adapters import SUPPORTED_MODEL_TYPES, adapter_for
+from .cache import StaticKVCache
+from .fallback import response_logprobs
+from .loop import GenerationOutput, generate, new_cache
+
+__all__ = ["generate", "GenerationOutput", "StaticKVCache", "new_cache", "adapter_for",
+           "response_logprobs", "SUPPORTED_MODEL_TYPES"]

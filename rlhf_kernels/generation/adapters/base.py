@@ -1,0 +1,81 @@
+"""What every model adapter shares: the decoder loop and in-place access to HF weights.
+
+An adapter reads the tensors of a Hugging Face model where they are (no copy: weights updated
+by training, merged LoRA or gathered ZeRO-3 parameters are seen as they are at call time) and
+runs the model's math with plain tensor ops, calling `attend` for attention. A family defines
+`embed`, `prepare` (per-step positional tables), `block` (one decoder layer) and `head`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Unsupported(Exception):
+    """The model is of a known family but uses a feature the adapter does not implement."""
+
+
+def linear(module):
+    """(weight, bias) of an nn.Linear-like module, seen through a merged LoRA wrapper."""
+    if hasattr(module, "base_layer"):  # peft LoraLayer, merged (checked by the adapter)
+        module = module.base_layer
+    return module.weight, module.bias
+
+
+def dense(x, module):
+    weight, bias = linear(module)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x, weight, eps):
+    """HF's RMSNorm, same rounding: normalise in float32, scale in the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def layer_norm(x, module):
+    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+class DecoderAdapter:
+    family = "?"
+    max_positions = None   # learned position tables bound the length; RoPE does not
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        for name, module in model.named_modules():
+            if len(getattr(module, "lora_A", ())) and not getattr(module, "merged", False):
+                raise Unsupported(f"LoRA adapters are not merged ({name}); merge them first")
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.windows = [None] * self.num_layers   # sliding window per layer (None = full)
+        self.graph_safe = True                    # False when a step needs host syncs
+
+    # -- the family's math ------------------------------------------------------------------
+    def embed(self, ids, positions):
+        raise NotImplementedError
+
+    def prepare(self, positions, like):
+        return None
+
+    def block(self, index, layer, h, tables, attend):
+        raise NotImplementedError
+
+    def head(self, h):
+        raise NotImplementedError
+
+    # -- the loop -------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, ids, positions, attend):
+        """ids, positions [B, T] -> logits of the last position [B, V]."""
+        h = self.embed(ids, positions)
+        tables = self.prepare(positions, h)
+        for index, layer in enumerate(self.blocks):
+            h = self.block(index, layer, h, tables, attend)
+        return self.head(h[:, -1])
+
+    def check_length(self, total: int) -> None:
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(f"prompt + max_new_tokens = {total} tokens exceeds the model's "
+                             f"{self.max_positions} positions")

@@ -1,0 +1,96 @@
+"""Llama-style decoders: Llama, Mistral, Qwen2, Qwen3 (RMSNorm, RoPE with the config's scaling,
+GQA / MQA, SwiGLU, optional q/k/v biases, q/k norms, sliding windows, tied embeddings)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .base import DecoderAdapter, Unsupported, linear, rms_norm
+
+
+def _weights(layer):
+    """One decoder layer's tensors, read where they are (no copy)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    q_norm = getattr(attention, "q_norm", None)
+    return SimpleNamespace(
+        q=linear(attention.q_proj), k=linear(attention.k_proj), v=linear(attention.v_proj),
+        o=linear(attention.o_proj), gate=linear(mlp.gate_proj), up=linear(mlp.up_proj),
+        down=linear(mlp.down_proj), input_norm=layer.input_layernorm.weight,
+        post_norm=layer.post_attention_layernorm.weight,
+        eps=layer.input_layernorm.variance_epsilon,
+        q_norm=None if q_norm is None else q_norm.weight,
+        k_norm=None if q_norm is None else attention.k_norm.weight,
+        qk_eps=None if q_norm is None else q_norm.variance_epsilon)
+
+
+def rotate(x, cos, sin):
+    """RoPE on [B, T, H, D] with cos / sin [B, T, D] (the two-halves convention of HF)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaAdapter(DecoderAdapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def __init__(self, model):
+        config = model.config
+        inner = model.model
+        self.num_layers = len(inner.layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        super().__init__(model)
+        self.blocks = [_weights(layer) for layer in inner.layers]
+        attention = inner.layers[0].self_attn
+        self.scale = float(getattr(attention, "scaling", self.head_dim ** -0.5))
+        if getattr(config, "pretraining_tp", 1) > 1:
+            raise Unsupported("pretraining_tp > 1")
+        self.embed_tokens, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        self.rotary = inner.rotary_emb
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        self.graph_safe = "dynamic" not in str(rope_type)  # dynamic NTK resizes with host syncs
+        self.act = (F.silu if config.hidden_act == "silu" else inner.layers[0].mlp.act_fn)
+        self.windows = self._sliding_windows(config)
+
+    def _sliding_windows(self, config):
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if not window:
+            return [None] * self.num_layers
+        if layer_types:
+            return [window if kind == "sliding_attention" else None for kind in layer_types]
+        if config.model_type == "mistral":
+            return [window] * self.num_layers
+        if getattr(config, "use_sliding_window", False):
+            first_full = getattr(config, "max_window_layers", self.num_layers)
+            return [window if i >= first_full else None for i in range(self.num_layers)]
+        return [None] * self.num_layers
+
+    def embed(self, ids, positions):
+        return F.embedding(ids, self.embed_tokens.weight)
+
+    def prepare(self, positions, like):
+        return self.rotary(like, positions)   # (cos, sin) with the config's scaling
+
+    def block(self, index, w, h, tables, attend):
+        cos, sin = tables
+        batch, length, _ = h.shape
+        x = rms_norm(h, w.input_norm, w.eps)
+        q = F.linear(x, *w.q).view(batch, length, self.heads, self.head_dim)
+        k = F.linear(x, *w.k).view(batch, length, self.kv_heads, self.head_dim)
+        v = F.linear(x, *w.v).view(batch, length, self.kv_heads, self.head_dim)
+        if w.q_norm is not None:
+            q, k = rms_norm(q, w.q_norm, w.qk_eps), rms_norm(k, w.k_norm, w.qk_eps)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        h = h + F.linear(attend(index, q, k, v, self.scale), *w.o)
+        x = rms_norm(h, w.post_norm, w.eps)
+        return h + F.linear(self.act(F.linear(x, *w.gate)) * F.linear(x, *w.up), *w.down)
+
+    def head(self, h):
+        return F.linear(rms_norm(h, self.norm.weight, self.norm.variance_epsilon),
+                        *linear(self.lm_head))

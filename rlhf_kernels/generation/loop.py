@@ -1,0 +1,210 @@
+"""The generation loop: prefill into a static KV cache, then one fused decode step per token.
+
+    prefill   prompt [B, P] (left padded) -> SDPA, K / V written to cache slots [0, P)
+    decode    token t of every sequence   -> our decode-attention kernel appends K / V at slot
+              P + t and attends over [pads_b, P + t]; the sampler returns token + log-prob
+              (greedy when temperature is 0); finished rows emit pad_token_id.
+
+Every step has the same shapes and touches only preallocated tensors, so on CUDA it is
+captured once as a CUDA graph and replayed. Models with no adapter go through HF `generate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import decode as decode_ops
+from .adapters import adapter_for, unwrap
+from .adapters.attention import DecodeAttention, PrefillAttention
+from .cache import StaticKVCache
+from .fallback import hf_generate, positions_from_mask, say_once
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor       # [B, P + N]: the prompts as given, then the responses
+    logprobs: torch.Tensor        # [B, N] float32 behaviour log-probs (0 after EOS)
+    response_mask: torch.Tensor   # [B, N] int64: 1 up to and including EOS
+    path: str = ""                # "fused:<family>" or "fallback: <reason>"
+
+
+def new_cache(model, batch: int, max_len: int) -> StaticKVCache:
+    """A cache `generate(..., cache=)` can reuse for batches <= `batch`, lengths <= `max_len`."""
+    adapter, why = adapter_for(unwrap(model))
+    if adapter is None:
+        raise ValueError(f"no fused generation for this model: {why}")
+    return _allocate(adapter, batch, max_len)
+
+
+def _allocate(adapter, batch, max_len):
+    return StaticKVCache(adapter.num_layers, batch, adapter.kv_heads, max_len, adapter.head_dim,
+                         dtype=adapter.dtype, device=adapter.device)
+
+
+def _check_prompts(input_ids, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [B, P] tensor of token ids")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids is empty: the batch has no prompt")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no token: every prompt needs at least one")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
+                         f"input_ids {tuple(input_ids.shape)}")
+    mask = attention_mask.to(input_ids.device).long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left padded (zeros first, then ones): pad "
+                         "prompts on the left (tokenizer.padding_side = 'left')")
+    if bool((mask[:, -1] == 0).any()):
+        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"prompts {rows} are empty (attention_mask all 0)")
+    return mask
+
+
+def _eos_tensor(model, eos_token_id, device):
+    if eos_token_id is None:
+        config = getattr(model, "generation_config", None) or model.config
+        eos_token_id = getattr(config, "eos_token_id", None)
+    ids = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
+             pad_token_id=None, generator=None, cache: StaticKVCache | None = None,
+             cuda_graph: bool = True, backend: str = "auto") -> GenerationOutput:
+    """Sample (or greedily pick, temperature=0) up to `max_new_tokens` tokens per prompt.
+
+    Stops early when every sequence has emitted EOS, so N <= max_new_tokens (as HF does).
+    `max_new_tokens=0` returns the prompts and empty [B, 0] log-probs / mask.
+    `generator` seeds the draws of the fused path (a torch.Generator on the model's device).
+    """
+    temperature, top_k, top_p = decode_ops.check_sampling(temperature, top_k, top_p)
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    model = unwrap(model)
+    mask = _check_prompts(input_ids, attention_mask)
+    eos = _eos_tensor(model, eos_token_id, input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = getattr(model.generation_config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (
+            int(eos[0]) if len(eos) else 0)
+    batch, prompt_len = input_ids.shape
+    if max_new_tokens == 0:
+        empty = torch.zeros(batch, 0, device=input_ids.device)
+        return GenerationOutput(input_ids, empty, empty.long(), "empty")
+    adapter, why = adapter_for(model)
+    if adapter is None:
+        say_once(why)
+        response, logp, response_mask = hf_generate(
+            model, input_ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_ids=eos, pad_token_id=pad_token_id)
+        return GenerationOutput(torch.cat([input_ids, response], 1), logp, response_mask,
+                                f"fallback: {why}")
+    total = prompt_len + max_new_tokens
+    adapter.check_length(total)
+    layout = (adapter.num_layers, batch, adapter.kv_heads, total, adapter.head_dim,
+              adapter.dtype, adapter.device)
+    if cache is None or not cache.fits(*layout):
+        if cache is not None:
+            raise ValueError(f"the given cache ({cache.batch} x {cache.max_len}, layout "
+                             f"{cache.layout}) cannot hold batch {batch} x {total} tokens of "
+                             f"this model")
+        cache = _allocate(adapter, batch, total)
+    decoder = _Decoder(adapter, cache, input_ids.to(adapter.device), mask.to(adapter.device),
+                       backend, use_graph=cuda_graph and adapter.device.type == "cuda"
+                       and adapter.graph_safe)
+    tokens, logp, response_mask = decoder.run(max_new_tokens, temperature, top_k, top_p,
+                                              eos.to(adapter.device), pad_token_id, generator)
+    sequences = torch.cat([input_ids, tokens.to(input_ids.device, input_ids.dtype)], 1)
+    return GenerationOutput(sequences, logp, response_mask, f"fused:{adapter.family}")
+
+
+class _Decoder:
+    """The state of one generation: static step inputs, the cache, the captured step."""
+
+    def __init__(self, adapter, cache, input_ids, mask, backend, use_graph):
+        self.adapter, self.cache = adapter, cache
+        batch, prompt_len = input_ids.shape
+        device = adapter.device
+        self.kernel = decode_ops.attention_kernel(backend, device, adapter.head_dim)
+        self.sample = decode_ops.sample_kernel(backend, device)
+        self.backend, self.use_graph = backend, use_graph
+        self.input_ids, self.mask = input_ids, mask
+        positions = positions_from_mask(mask)
+        # static inputs of the decode step, updated in place between steps
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = positions[:, -1:] + 1
+        self.length = torch.full((batch,), prompt_len, dtype=torch.int32, device=device)
+        self.start = (prompt_len - mask.sum(-1)).to(torch.int32)
+        self.prompt_positions = positions
+
+    def prefill(self):
+        attend = PrefillAttention(self.cache, self.mask, self.adapter.windows)
+        return self.adapter.forward(self.input_ids, self.prompt_positions, attend)
+
+    def step(self):
+        attend = DecodeAttention(self.cache, self.kernel, self.length, self.start,
+                                 self.adapter.windows)
+        return self.adapter.forward(self.token, self.position, attend)
+
+    def graphed_step(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: compile / autotune outside the capture
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.step()
+
+        def replay():
+            graph.replay()
+            return logits
+        return replay
+
+    def choose(self, logits, temperature, top_k, top_p, generator):
+        if temperature == 0:
+            tokens = logits.argmax(-1)
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+            return tokens, logp
+        uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        return self.sample(logits, temperature, top_k, top_p, uniforms)
+
+    @torch.no_grad()
+    def run(self, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id, generator):
+        batch, device = self.token.shape[0], self.token.device
+        tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long,
+                            device=device)
+        logp = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+        alive = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        step = None
+        logits = self.prefill()
+        check_every = 16 if device.type == "cuda" else 1   # all-finished test = a host sync
+        for t in range(max_new_tokens):
+            token, token_logp = self.choose(logits, temperature, top_k, top_p, generator)
+            tokens[:, t] = torch.where(finished, pad_token_id, token)
+            logp[:, t] = torch.where(finished, 0.0, token_logp.float())
+            alive[:, t] = (~finished).long()
+            finished |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+                break
+            self.token[:, 0] = tokens[:, t]
+            if step is None:
+                step = self.graphed_step() if self.use_graph else self.step
+            logits = step()
+            self.length += 1
+            self.position += 1
+        # as HF: the responses end at the last step where some sequence was still running
+        steps = int(alive.any(0).nonzero().max()) + 1
+        return tokens[:, :steps], logp[:, :steps], alive[:, :steps]
