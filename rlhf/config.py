@@ -1,0 +1,424 @@
+"""Run configuration: dataclasses with DeepSpeed-Chat's defaults, loaded from YAML and CLI flags.
+
+Precedence is defaults < YAML file < overrides (CLI flags or a dict). Every leaf field is
+reachable as ``--section.field`` (``--rl.kl_ctl 0.05``) or as a top-level flag (``--seed 7``).
+Defaults follow DeepSpeed-Chat's step 1/2/3 ``main.py`` arguments except where noted.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
+DTYPES = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _f(default, help_text: str):
+    """A dataclass field with a help string (shown by ``--help``); lists get a fresh copy."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default),
+                                 metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("smollm2", '"smollm2" (embedded GGUF), "tiny" (random Llama-style), '
+                                      "a local path or a hub name")
+    tokenizer: str = _f("", 'tokenizer path or name ("" = the model\'s)')
+    dtype: str = _f("fp32", "fp32 | bf16 | fp16 (fp32 here: DeepSpeed-Chat's fp16 needs a GPU)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward")
+    lora_dim: int = _f(0, "LoRA rank; 0 trains the full model")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
+    lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        "module names LoRA wraps (comma-separated on the CLI)")
+    max_seq_len: int = _f(512, "longest SFT / reward-model sequence in tokens (prompt + answer)")
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = _f(["synthetic"], "synthetic | file.jsonl/.json/.parquet | folder | "
+                                           "datasets name[:split]")
+    data_split: str = _f("2,4,4", "share of every source for the sft, rm and rl steps")
+    eval_fraction: float = _f(0.1, "held-out share of each step's records")
+    max_prompt_len: int = _f(256, "prompts longer than this (tokens) are dropped for RL")
+    max_answer_len: int = _f(256, "longest generated answer in tokens")
+    num_synthetic: int = _f(2000, "records made by the synthetic source")
+    train_on_prompt: bool = _f(False, "SFT loss on the prompt tokens too")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, "ZeRO stage 0-3 of the trained models")
+    offload: bool = _f(False, "ZeRO-Offload of optimizer state (and parameters at stage 3) to CPU")
+    offload_reference_model: bool = _f(False, "offload the frozen reference model")
+    torch_adam: bool = _f(False, "torch AdamW instead of DeepSpeed's fused / CPU Adam")
+    adam_betas: list[float] = _f([0.9, 0.95], "Adam betas (DeepSpeed-Chat's choice)")
+    gradient_clipping: float = _f(1.0, "global gradient-norm clip")
+
+
+@dataclass
+class StepConfig:
+    """One supervised step (SFT or reward model); the defaults are step 1's."""
+    # DeepSpeed-Chat's step-1 argparse default lr is 1e-3; its example scripts all pass 9.65e-6,
+    # the value that works for fine-tuning a pretrained model, so that is the default here.
+    lr: float = _f(9.65e-6, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    epochs: int = _f(1, "passes over the training records")
+    per_device_batch_size: int = _f(16, "micro-batch size per device")
+    per_device_eval_batch_size: int = _f(16, "eval batch size per device")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    warmup: int = _f(0, "warm-up optimizer steps")
+    scheduler: str = _f("cosine", "cosine | linear | constant")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1 = run all epochs)")
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0 = at the end of each epoch)")
+    save_every: int = _f(0, "checkpoint every N optimizer steps (0 = at the end only)")
+    model_path: str = _f("", 'where later steps read this step\'s model ("" = <output>/<step>)')
+
+
+def _rm_defaults() -> StepConfig:
+    return StepConfig(lr=5e-5)  # DeepSpeed-Chat step 2
+
+
+@dataclass
+class RLConfig:
+    algorithm: str = _f("ppo", "ppo | grpo | rloo | reinforce")
+    actor_lr: float = _f(9.65e-6, "actor learning rate")
+    critic_lr: float = _f(5e-6, "critic learning rate (ppo)")
+    actor_weight_decay: float = _f(0.0, "actor AdamW weight decay")
+    critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
+    warmup: int = _f(100, "warm-up optimizer steps")
+    scheduler: str = _f("cosine", "cosine | linear | constant")
+    kl_ctl: float = _f(0.1, "KL penalty coefficient against the reference model")
+    kl_estimator: str = _f("k1", "k1 | k2 | k3 KL estimator (DeepSpeed-Chat: k1 in the reward)")
+    clip_reward_value: float = _f(5.0, "rewards are clipped to +-this")
+    cliprange: float = _f(0.2, "PPO ratio clip")
+    cliprange_value: float = _f(0.2, "value clip (ppo)")
+    dual_clip: Optional[float] = _f(None, "dual-clip bound for negative advantages (None = off)")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    whiten_advantages: bool = _f(False, "normalise advantages over the batch")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient")
+    loss_agg: str = _f("token-mean", "loss aggregation: " + " | ".join(LOSS_AGGS))
+    ppo_epochs: int = _f(1, "passes over each batch of experience")
+    generation_batch_size: int = _f(16, "prompts per generation batch per device")
+    train_batch_size: int = _f(16, "experiences per training micro-batch per device")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    num_samples: int = _f(4, "responses per prompt (group size of grpo / rloo)")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_k: int = _f(0, "top-k sampling (0 = off)")
+    top_p: float = _f(1.0, "nucleus sampling (1.0 = off)")
+    max_new_tokens: Optional[int] = _f(None, "answer length in tokens (None = data.max_answer_len)")
+    enable_ema: bool = _f(False, "keep an EMA copy of the actor")
+    ema_beta: float = _f(0.992, "EMA decay")
+    ptx: bool = _f(False, "mix the pretraining (SFT) loss into the actor update")
+    ptx_coef: float = _f(27.8, "weight of the mixed pretraining loss")
+    ptx_sources: list[str] = _f([], "sources of the ptx loss ([] = the SFT step's records)")
+    reward: str = _f("", '"" = the reward model of the rm step, or a callable "module:function"')
+    critic_model_path: str = _f("", 'critic initialisation ("" = the reward model)')
+    steps: int = _f(-1, "stop after this many RL iterations (-1 = run all epochs)")
+    epochs: int = _f(1, "passes over the RL prompts")
+    eval_every: int = _f(0, "evaluate every N iterations (0 = at the end only)")
+    save_every: int = _f(0, "checkpoint every N iterations (0 = at the end only)")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = _f(True, "write TensorBoard events under <output>/logs")
+    wandb: bool = _f(False, "log to Weights & Biases when installed")
+    wandb_project: str = _f("rlhf", "W&B project name")
+    log_every: int = _f(1, "log every N optimizer steps")
+    progress: bool = _f(True, "show progress bars")
+
+
+@dataclass
+class RunConfig:
+    output: str = _f("output", "run folder")
+    seed: int = _f(1234, "seed of data shuffling, sampling and initialisation")
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    sft: StepConfig = dataclasses.field(default_factory=StepConfig)
+    rm: StepConfig = dataclasses.field(default_factory=_rm_defaults)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------- typed leaves
+
+def _leaf_types(cls) -> dict[str, Any]:
+    """{"rl.kl_ctl": float, "seed": int, ...} for every leaf field of the dataclass tree."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out.update({f"{name}.{k}": v for k, v in _leaf_types(hint).items()})
+        else:
+            out[name] = hint
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` (from YAML, a dict or a CLI string) as type `hint`, or a TypeError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # Optional[T]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        items = [s.strip() for s in value.split(",") if s.strip()] \
+            if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(f"config key {key!r}: expected a list, got {value!r}")
+        return [_coerce(item, args[0], key) for item in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE + _FALSE:
+            return str(value).strip().lower() in _TRUE
+    elif hint in (int, float):
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int) or (isinstance(value, float) and
+                                        (hint is float or value.is_integer())):
+            return hint(value)
+        elif isinstance(value, str):  # CLI text; PyYAML also reads "1e-5" (no dot) as a string
+            try:
+                return hint(value.strip())
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"config key {key!r}: unsupported field type {hint!r}")
+    raise TypeError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
+
+
+def _flatten(tree: dict, cls, prefix: str = "") -> dict[str, Any]:
+    """Nested / dotted dict -> {"section.field": value}; unknown keys raise ValueError."""
+    hints = typing.get_type_hints(cls)
+    flat = {}
+    for key, value in tree.items():
+        head, _, rest = str(key).partition(".")
+        where = f"{prefix}{head}"
+        if head not in hints:
+            close = difflib.get_close_matches(head, hints, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {where!r}{hint}; valid keys"
+                             f"{' in ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(hints)}")
+        sub = hints[head]
+        if dataclasses.is_dataclass(sub):
+            if rest:
+                value = {rest: value}
+            elif not isinstance(value, dict):
+                raise TypeError(f"config key {where!r} is a section: expected a mapping, "
+                                f"got {value!r}")
+            flat.update(_flatten(value, sub, where + "."))
+        elif rest:
+            raise ValueError(f"unknown config key {prefix + str(key)!r}: "
+                             f"{where!r} is not a section")
+        else:
+            flat[where] = value
+    return flat
+
+
+def _apply(cfg, flat: dict[str, Any]) -> None:
+    types_ = _leaf_types(type(cfg))
+    for key, value in flat.items():
+        *path, leaf = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, _coerce(value, types_[key], key))
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _require(ok: bool, key: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r} {message}, got {value!r}")
+
+
+def _check_choice(section, prefix: str, name: str, choices) -> None:
+    value = getattr(section, name)
+    _require(value in choices, f"{prefix}.{name}", f"must be one of {', '.join(choices)}", value)
+
+
+def _check_min(section, prefix: str, minimum: dict[str, float]) -> None:
+    for name, low in minimum.items():
+        value = getattr(section, name)
+        _require(value >= low, f"{prefix}.{name}", f"must be >= {low}", value)
+
+
+def parse_data_split(text: str) -> tuple[float, float, float]:
+    """'2,4,4' -> (0.2, 0.4, 0.4): the shares of the sft, rm and rl steps."""
+    try:
+        parts = [float(p) for p in str(text).split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 or p != p for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"config key 'data.data_split' must be three comma-separated non-negative "
+                         f"numbers with a positive sum (sft,rm,rl), got {text!r}")
+    total = sum(parts)
+    return tuple(p / total for p in parts)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise ValueError naming the first field whose value is out of range; return `cfg`."""
+    m, d, rl = cfg.model, cfg.data, cfg.rl
+    _require(bool(cfg.output), "output", "must name a folder", cfg.output)
+    _check_choice(m, "model", "dtype", DTYPES)
+    _require(bool(m.name_or_path), "model.name_or_path", "must not be empty", m.name_or_path)
+    _check_min(m, "model", {"lora_dim": 0, "lora_alpha": 0, "lora_dropout": 0, "max_seq_len": 1})
+    _require(m.lora_dropout < 1, "model.lora_dropout", "must be < 1", m.lora_dropout)
+    _require(bool(d.sources), "data.sources", "must name at least one source", d.sources)
+    parse_data_split(d.data_split)
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)
+    _check_min(d, "data", {"max_prompt_len": 1, "max_answer_len": 1, "num_synthetic": 1})
+    ds = cfg.deepspeed
+    _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3",
+             ds.zero_stage)
+    _require(len(ds.adam_betas) == 2 and all(0 <= b < 1 for b in ds.adam_betas),
+             "deepspeed.adam_betas", "must be two numbers in [0, 1)", ds.adam_betas)
+    _check_min(ds, "deepspeed", {"gradient_clipping": 0})
+    for name in ("sft", "rm"):
+        step = getattr(cfg, name)
+        _require(step.lr > 0, f"{name}.lr", "must be > 0", step.lr)
+        _check_choice(step, name, "scheduler", SCHEDULERS)
+        _check_min(step, name, {"weight_decay": 0, "epochs": 1, "per_device_batch_size": 1,
+                                "per_device_eval_batch_size": 1, "grad_accum": 1, "warmup": 0,
+                                "max_steps": -1, "eval_every": 0, "save_every": 0})
+        _require(step.max_steps != 0, f"{name}.max_steps", "must be -1 or > 0", step.max_steps)
+    _check_choice(rl, "rl", "algorithm", ALGORITHMS)
+    _check_choice(rl, "rl", "scheduler", SCHEDULERS)
+    _check_choice(rl, "rl", "kl_estimator", KL_ESTIMATORS)
+    _check_choice(rl, "rl", "loss_agg", LOSS_AGGS)
+    for name in ("actor_lr", "critic_lr", "clip_reward_value", "cliprange", "cliprange_value",
+                 "temperature"):
+        _require(getattr(rl, name) > 0, f"rl.{name}", "must be > 0", getattr(rl, name))
+    _check_min(rl, "rl", {"actor_weight_decay": 0, "critic_weight_decay": 0, "warmup": 0,
+                          "kl_ctl": 0, "entropy_coef": 0, "ppo_epochs": 1, "grad_accum": 1,
+                          "generation_batch_size": 1, "train_batch_size": 1, "num_samples": 1,
+                          "top_k": 0, "ptx_coef": 0, "steps": -1, "epochs": 1,
+                          "eval_every": 0, "save_every": 0})
+    _require(rl.steps != 0, "rl.steps", "must be -1 or > 0", rl.steps)
+    if rl.algorithm in ("grpo", "rloo"):
+        _require(rl.num_samples >= 2, "rl.num_samples",
+                 f"must be >= 2 for {rl.algorithm} (its baseline is the group)", rl.num_samples)
+    _require(rl.dual_clip is None or rl.dual_clip > 1, "rl.dual_clip", "must be None or > 1",
+             rl.dual_clip)
+    for name in ("gamma", "lam"):
+        _require(0 <= getattr(rl, name) <= 1, f"rl.{name}", "must be in [0, 1]", getattr(rl, name))
+    _require(0 < rl.top_p <= 1, "rl.top_p", "must be in (0, 1]", rl.top_p)
+    _require(0 < rl.ema_beta < 1, "rl.ema_beta", "must be in (0, 1)", rl.ema_beta)
+    _require(rl.max_new_tokens is None or rl.max_new_tokens >= 1, "rl.max_new_tokens",
+             "must be None or >= 1", rl.max_new_tokens)
+    module, colon, function = rl.reward.partition(":")
+    _require(not colon or (module and function), "rl.reward", 'must be "" or "module:function"',
+             rl.reward)
+    _check_min(cfg.log, "log", {"log_every": 1})
+    return cfg
+
+
+# ---------------------------------------------------------------------------- loading / saving
+
+def _read_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        tree = yaml.safe_load(fh)
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path}: expected a mapping at the top, "
+                         f"got {type(tree).__name__}")
+    return tree
+
+
+def load_config(yaml_path: str | os.PathLike | None = None, overrides: dict | None = None,
+                cls=RunConfig):
+    """Build a validated config: defaults < the YAML file < `overrides`.
+
+    Args:
+        yaml_path: optional YAML file with nested sections (``rl: {kl_ctl: 0.05}``) or dotted keys.
+        overrides: nested or dotted dict (``{"rl.kl_ctl": 0.05}``); strings parse as on the CLI.
+        cls: the root dataclass (RunConfig).
+
+    Raises:
+        ValueError: unknown key (names it and the valid ones) or a value out of range.
+        TypeError: a value that does not parse as its field's type (names the field).
+    """
+    cfg = cls()
+    if yaml_path is not None:
+        _apply(cfg, _flatten(_read_yaml(os.fspath(yaml_path)), cls))
+    if overrides:
+        _apply(cfg, _flatten(overrides, cls))
+    if isinstance(cfg, RunConfig):
+        if cfg.rl.max_new_tokens is None:
+            cfg.rl.max_new_tokens = cfg.data.max_answer_len
+        validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Nested plain dict of the config (YAML / JSON ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML; ``load_config(path)`` gives it back."""
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=RunConfig) -> argparse.ArgumentParser:
+    """Add ``--config PATH.yaml`` and one ``--section.field`` flag per leaf field of `cls`.
+
+    Flags left out do not appear in the parsed namespace, so YAML values are only overridden by
+    flags actually given. Bools take true/false/1/0, lists take comma-separated items.
+    """
+    parser.add_argument("--config", metavar="PATH.yaml", default=None,
+                        help="YAML config file (defaults < file < flags)")
+    group = parser.add_argument_group("configuration (--section.field)")
+    helps = _leaf_help(cls())
+    for key, hint in _leaf_types(cls).items():
+        def parse(text, key=key, hint=hint):
+            try:
+                return _coerce(text, hint, key)
+            except TypeError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+        parse.__name__ = getattr(hint, "__name__", str(hint))
+        flag = {"nargs": "?", "const": True} if hint is bool else {}  # a bare --log.wandb is true
+        group.add_argument(f"--{key}", dest=key, type=parse, default=argparse.SUPPRESS,
+                           metavar=key.rsplit(".", 1)[-1].upper(), help=helps[key], **flag)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, cls=RunConfig):
+    """The config described by parsed ``add_config_arguments`` flags (``--config`` then flags)."""
+    keys = _leaf_types(cls)
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    return load_config(getattr(args, "config", None), overrides, cls=cls)
+
+
+def _leaf_help(obj, prefix: str = "") -> dict[str, str]:
+    """{"rl.kl_ctl": "help (default 0.1)", ...} from a default instance (rm's defaults differ)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_leaf_help(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = f"{f.metadata.get('help', '')} (default {value!r})"
+    return out
