@@ -1,0 +1,209 @@
+"""Rollout -> experience: everything the updates need, computed once under torch.no_grad().
+
+An `Experience` holds B sequences of a LEFT padded prompt (P tokens) and N response tokens
+with, per response token, the log-probs of the policy that sampled it and of the reference,
+the critic's values, the rewards, advantages and returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import rlhf_kernels
+
+from .model_forward import check_sequences, response_logits, response_values
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts. Per-row tensors share the batch dim B; None = not computed.
+
+    Attributes:
+        sequences: [B, P+N] token ids: left padded prompt, then the response.
+        attention_mask: [B, P+N], 1 on real prompt tokens and on response tokens up to EOS.
+        action_mask: [B, N] bool, True on response tokens up to and including EOS.
+        prompt_len: P.
+        old_logprobs: [B, N] float32 log-probs under the policy that sampled the tokens.
+        ref_logprobs: [B, N] under the reference model (None without one).
+        values: [B, N] critic values of the state before each response token (None w/o critic).
+        scores: [B] float32 sequence scores from the reward.
+        rewards, advantages, returns: [B, N] float32 (returns None where unused).
+    """
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    prompt_len: int
+    old_logprobs: torch.Tensor
+    ref_logprobs: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
+    rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        n = check_sequences(self.sequences, self.attention_mask, self.prompt_len)
+        batch = self.sequences.shape[0]
+        for name, value in self._tensors():
+            want = (batch,) if name == "scores" else (batch, n)
+            if name not in ("sequences", "attention_mask") and tuple(value.shape) != want:
+                raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+
+    def _tensors(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                yield f.name, value
+
+    def _map(self, fn) -> Experience:
+        return dataclasses.replace(self, **{name: fn(t) for name, t in self._tensors()})
+
+    @property
+    def batch_size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """[B, N] response token ids."""
+        return self.sequences[:, self.prompt_len:]
+
+    def to(self, device) -> Experience:
+        return self._map(lambda t: t.to(device))
+
+    def select(self, rows) -> Experience:
+        """The experience of the given rows (index tensor, list or slice)."""
+        return self._map(lambda t: t[rows])
+
+    def split(self, micro_batch_size: int, generator: torch.Generator = None
+              ) -> list[Experience]:
+        """Minibatches of micro_batch_size rows (the last may be smaller); rows are shuffled
+        when a generator is given. Whole groups are not kept together: the advantages are
+        already computed."""
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
+                or micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be an integer >= 1, got "
+                             f"{micro_batch_size!r}")
+        order = (torch.randperm(self.batch_size, generator=generator) if generator is not None
+                 else torch.arange(self.batch_size))
+        order = order.to(self.sequences.device)
+        return [self.select(order[i:i + micro_batch_size])
+                for i in range(0, self.batch_size, micro_batch_size)]
+
+    @staticmethod
+    def concat(experiences: Sequence[Experience], pad_token_id: int = 0) -> Experience:
+        """Rows of several experiences in one; shorter prompts are left padded and shorter
+        responses right padded (masks 0, per-token values 0, tokens pad_token_id)."""
+        if not experiences:
+            raise ValueError("concat needs at least one Experience")
+        prompt_len = max(e.prompt_len for e in experiences)
+        n = max(e.responses.shape[1] for e in experiences)
+        present = [{name for name, _ in e._tensors()} for e in experiences]
+        if any(p != present[0] for p in present):
+            raise ValueError(f"experiences to concat must hold the same fields, got "
+                             f"{[sorted(p) for p in present]}")
+        padded = [_pad(e, prompt_len, n, pad_token_id) for e in experiences]
+        fields = {name: torch.cat([getattr(e, name) for e in padded]) for name in present[0]}
+        return Experience(prompt_len=prompt_len, **fields)
+
+
+def _pad(exp: Experience, prompt_len: int, n: int, pad_token_id: int) -> Experience:
+    left, right = prompt_len - exp.prompt_len, n - exp.responses.shape[1]
+
+    def pad(t, before, after, value):
+        parts = [t.new_full((t.shape[0], before), value), t, t.new_full((t.shape[0], after),
+                                                                          value)]
+        return torch.cat(parts, dim=1)
+
+    def pad_field(name, t):
+        if name == "scores":
+            return t
+        if name == "sequences":
+            return pad(t, left, right, pad_token_id)
+        if name == "attention_mask":
+            return pad(t, left, right, 0)
+        return pad(t, 0, right, 0)
+
+    fields = {name: pad_field(name, t) for name, t in exp._tensors()}
+    return dataclasses.replace(exp, prompt_len=prompt_len, **fields)
+
+
+def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature=1.0,
+                      return_entropy=False):
+    """Log-probs [B, N] float32 of the response tokens sequences[:, P:] under a causal LM at
+    `temperature` (and their entropy when return_entropy). Differentiable; wrap in
+    torch.no_grad() for rollouts."""
+    logits = response_logits(model, sequences, attention_mask, prompt_len)
+    return rlhf_kernels.logprobs(logits, sequences[:, prompt_len:], temperature=temperature,
+                                 return_entropy=return_entropy)
+
+
+def _checked_scores(scores, batch: int, device) -> torch.Tensor:
+    scores = torch.as_tensor(scores, dtype=torch.float32, device=device)
+    if scores.shape != (batch,):
+        raise ValueError(f"the reward function must return [B] = ({batch},) scores, got shape "
+                         f"{tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"the reward function returned non-finite scores: {scores.tolist()}")
+    return scores
+
+
+@torch.no_grad()
+def make_experience(generation, prompt_mask, *, actor, reference, reward_fn: Callable,
+                    algorithm, hp, critic=None, use_behaviour_logprobs=False) -> Experience:
+    """Score one batch of rollouts and compute its rewards, advantages and returns.
+
+    Args:
+        generation: has `sequences` [B, P+N], `response_mask` [B, N] and `logprobs` [B, N]
+            (the behaviour log-probs at the sampling temperature), as
+            rlhf_kernels.generation.generate returns.
+        prompt_mask: [B, P] attention mask of the left padded prompts.
+        actor, reference: causal LMs (or engines); reference may be None when hp.kl_ctl is 0.
+        reward_fn: fn(sequences, attention_mask, action_mask) -> scores [B].
+        algorithm: an entry of rlhf.algorithms.ALGORITHMS.
+        hp: RLHParams.
+        critic: critic(input_ids, attention_mask) -> values [B, T]; needed by algorithms with
+            needs_critic.
+        use_behaviour_logprobs: take old_logprobs from the generation instead of recomputing
+            them with a forward of the actor (a forward matches the training numerics: before
+            any optimizer step the ratio is exactly 1, without dropout).
+
+    Models are called in whatever train / eval mode the caller left them.
+    """
+    sequences, response_mask = generation.sequences, generation.response_mask
+    if prompt_mask.dim() != 2 or response_mask.dim() != 2 or sequences.shape != (
+            prompt_mask.shape[0], prompt_mask.shape[1] + response_mask.shape[1]):
+        raise ValueError(f"sequences {tuple(sequences.shape)} must be [B, P+N] for prompt_mask "
+                         f"{tuple(prompt_mask.shape)} [B, P] and response_mask "
+                         f"{tuple(response_mask.shape)} [B, N]")
+    if algorithm.needs_critic and critic is None:
+        raise ValueError(f"algorithm {algorithm.name!r} needs a critic")
+    if reference is None and hp.kl_ctl != 0:
+        raise ValueError(f"kl_ctl = {hp.kl_ctl} needs a reference model (or set kl_ctl to 0)")
+    prompt_len = prompt_mask.shape[1]
+    action_mask = response_mask != 0
+    attention_mask = torch.cat([prompt_mask.long(), action_mask.long()], dim=1)
+    args = (sequences, attention_mask, prompt_len)
+
+    def masked(logprobs):
+        return torch.where(action_mask, logprobs.float(), 0.0)
+
+    if use_behaviour_logprobs:
+        if getattr(generation, "logprobs", None) is None:
+            raise ValueError("use_behaviour_logprobs needs generation.logprobs")
+        old = masked(generation.logprobs)
+    else:
+        old = masked(response_logprobs(actor, *args, temperature=hp.temperature))
+    exp = Experience(
+        sequences, attention_mask, action_mask, prompt_len, old_logprobs=old,
+        ref_logprobs=None if reference is None else masked(
+            response_logprobs(reference, *args, temperature=hp.temperature)),
+        values=(torch.where(action_mask, response_values(critic, *args), 0.0)
+                if algorithm.needs_critic else None),
+        scores=_checked_scores(reward_fn(sequences, attention_mask, action_mask),
+                               sequences.shape[0], sequences.device))
+    exp.rewards = algorithm.rewards(exp, hp)
+    exp.advantages, exp.returns = algorithm.advantages(exp, hp)
+    return exp

@@ -1,0 +1,83 @@
+"""The losses of one minibatch update: forward passes feeding the rlhf_kernels losses.
+
+The actor's logits are sliced to the response positions (a view of the model's output; no
+float32 copy of [B, N, V]) and go straight into the fused PPO loss kernel.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+import rlhf_kernels
+
+from .model_forward import causal_lm_logits, response_logits, response_values
+
+IGNORE_INDEX = -100
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def actor_loss(model, mb, *, cliprange=0.2, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
+               temperature=1.0, agg="token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss of an Experience minibatch (with advantages).
+
+    The KL to the reference enters the loss with kl_coef (0 for algorithms that put it in the
+    reward); it is reported as `kl` whenever ref_logprobs are present.
+
+    Returns:
+        (loss, stats): a differentiable scalar and detached scalars actor_loss, clipfrac,
+        approx_kl, entropy, ratio (token means) and kl (when ref_logprobs are present).
+    """
+    if mb.advantages is None:
+        raise ValueError("the experience has no advantages: run algorithm.advantages first")
+    logits = response_logits(model, mb.sequences, mb.attention_mask, mb.prompt_len)
+    out = rlhf_kernels.ppo_actor_loss(
+        logits, mb.responses, mb.old_logprobs, mb.advantages, mb.action_mask,
+        clip_low=cliprange, clip_high=cliprange, ref_logprobs=mb.ref_logprobs, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy_coef=entropy_coef, temperature=temperature, agg=agg)
+    mask = mb.action_mask != 0
+    stats = {"actor_loss": out.loss.detach(), "clipfrac": out.clipfrac,
+             "approx_kl": out.approx_kl, "entropy": _masked_mean(out.entropy, mask),
+             "ratio": _masked_mean(out.ratio, mask)}
+    if out.kl is not None:
+        stats["kl"] = out.kl
+    return out.loss, stats
+
+
+def critic_loss(critic, mb, cliprange_value=0.2, agg="token-mean"
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss of an Experience minibatch (with values and returns).
+
+    Returns (loss, stats) with stats critic_loss, critic_clipfrac, values (token mean)."""
+    if mb.values is None or mb.returns is None:
+        raise ValueError("the critic loss needs experience.values and experience.returns")
+    values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+    out = rlhf_kernels.ppo_critic_loss(values, mb.values, mb.returns, mb.action_mask,
+                                       clip=cliprange_value, agg=agg)
+    mask = mb.action_mask != 0
+    return out.loss, {"critic_loss": out.loss.detach(), "critic_clipfrac": out.clipfrac,
+                      "values": _masked_mean(values.detach(), mask)}
+
+
+def ptx_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss (mean over target tokens) on a pretraining / SFT batch with input_ids,
+    attention_mask and optional labels (IGNORE_INDEX = not a target; default: every real
+    token of input_ids)."""
+    for key in ("input_ids", "attention_mask"):
+        if key not in batch:
+            raise ValueError(f"the ptx batch needs {key!r}, got keys {sorted(batch)}")
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    labels = batch.get("labels")
+    if labels is None:
+        labels = torch.where(attention_mask != 0, input_ids, IGNORE_INDEX)
+    if labels.shape != input_ids.shape or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids and labels must be [B, T] with T >= 2, got "
+                         f"{tuple(input_ids.shape)} and {tuple(labels.shape)}")
+    logits = causal_lm_logits(model, input_ids, attention_mask)[:, :-1]
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logp = rlhf_kernels.logprobs(logits, torch.where(valid, targets, 0))
+    return -_masked_mean(logp, valid)
