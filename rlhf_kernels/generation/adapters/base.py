@@ -29,6 +29,8 @@ def dense(x, module):
 
 def rms_norm(x, weight, eps):
     """HF's RMSNorm, same rounding: normalise in float32, scale in the input dtype."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.rms_norm(x, weight.shape, weight, eps)  # one op, bitwise the same in fp32
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -59,7 +61,8 @@ class DecoderAdapter:
     def prepare(self, positions, like):
         return None
 
-    def block(self, index, layer, h, tables, attend):
+    def block(self, index, layer, h, shape, tables, attend):
+        """h [B * T, hidden] (tokens flattened: every projection is one GEMM) -> same."""
         raise NotImplementedError
 
     def head(self, h):
@@ -71,9 +74,11 @@ class DecoderAdapter:
         """ids, positions [B, T] -> logits of the last position [B, V]."""
         h = self.embed(ids, positions)
         tables = self.prepare(positions, h)
+        batch, length, width = h.shape
+        h = h.view(batch * length, width)
         for index, layer in enumerate(self.blocks):
-            h = self.block(index, layer, h, tables, attend)
-        return self.head(h[:, -1])
+            h = self.block(index, layer, h, (batch, length), tables, attend)
+        return self.head(h.view(batch, length, -1)[:, -1])
 
     def check_length(self, total: int) -> None:
         if self.max_positions is not None and total > self.max_positions:

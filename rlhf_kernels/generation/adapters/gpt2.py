@@ -39,12 +39,11 @@ class GPT2Adapter(DecoderAdapter):
         return F.embedding(ids, self.inner.wte.weight) + F.embedding(positions,
                                                                      self.inner.wpe.weight)
 
-    def block(self, index, layer, h, tables, attend):
-        batch, length, width = h.shape
-        q, k, v = conv1d(layer_norm(h, layer.ln_1), layer.attn.c_attn).split(width, dim=-1)
-        shape = (batch, length, self.heads, self.head_dim)
+    def block(self, index, layer, h, shape, tables, attend):
+        q, k, v = conv1d(layer_norm(h, layer.ln_1), layer.attn.c_attn).split(h.shape[-1], -1)
+        shape = (*shape, self.heads, self.head_dim)
         out = attend(index, q.view(shape), k.view(shape), v.view(shape), self.scales[index])
-        h = h + conv1d(out, layer.attn.c_proj)
+        h = h + conv1d(out.flatten(0, 1), layer.attn.c_proj)
         mlp = layer.mlp
         return h + conv1d(mlp.act(conv1d(layer_norm(h, layer.ln_2), mlp.c_fc)), mlp.c_proj)
 

@@ -25,12 +25,18 @@ def _weights(layer):
         qk_eps=None if q_norm is None else q_norm.variance_epsilon)
 
 
-def rotate(x, cos, sin):
-    """RoPE on [B, T, H, D] with cos / sin [B, T, D] (the two-halves convention of HF)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rope_tables(cos, sin):
+    """cos and a signed sin [B, T, 1, D] such that rotate() is HF's x*cos + rotate_half(x)*sin,
+    bit for bit: rotate_half(x) = [-x2, x1] = flip of the halves times [-1, +1]."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(2), signed.unsqueeze(2)
+
+
+def rotate(x, cos, signed_sin):
+    """RoPE on [B, T, H, D] (the two-halves convention of HF)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -75,19 +81,18 @@ class LlamaAdapter(DecoderAdapter):
         return F.embedding(ids, self.embed_tokens.weight)
 
     def prepare(self, positions, like):
-        return self.rotary(like, positions)   # (cos, sin) with the config's scaling
+        return rope_tables(*self.rotary(like, positions))  # with the config's scaling
 
-    def block(self, index, w, h, tables, attend):
+    def block(self, index, w, h, shape, tables, attend):
         cos, sin = tables
-        batch, length, _ = h.shape
         x = rms_norm(h, w.input_norm, w.eps)
-        q = F.linear(x, *w.q).view(batch, length, self.heads, self.head_dim)
-        k = F.linear(x, *w.k).view(batch, length, self.kv_heads, self.head_dim)
-        v = F.linear(x, *w.v).view(batch, length, self.kv_heads, self.head_dim)
+        q = F.linear(x, *w.q).view(*shape, self.heads, self.head_dim)
+        k = F.linear(x, *w.k).view(*shape, self.kv_heads, self.head_dim)
+        v = F.linear(x, *w.v).view(*shape, self.kv_heads, self.head_dim)
         if w.q_norm is not None:
             q, k = rms_norm(q, w.q_norm, w.qk_eps), rms_norm(k, w.k_norm, w.qk_eps)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        h = h + F.linear(attend(index, q, k, v, self.scale), *w.o)
+        h = h + F.linear(attend(index, q, k, v, self.scale).flatten(0, 1), *w.o)
         x = rms_norm(h, w.post_norm, w.eps)
         return h + F.linear(self.act(F.linear(x, *w.gate)) * F.linear(x, *w.up), *w.down)
 

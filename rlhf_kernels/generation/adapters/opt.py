@@ -33,14 +33,13 @@ class OPTAdapter(DecoderAdapter):
         table = self.decoder.embed_positions.weight
         return h + F.embedding(positions + POSITION_OFFSET, table)
 
-    def block(self, index, layer, h, tables, attend):
-        batch, length, _ = h.shape
+    def block(self, index, layer, h, shape, tables, attend):
         attention = layer.self_attn
         x = layer_norm(h, layer.self_attn_layer_norm) if self.pre_norm else h
         q = dense(x, attention.q_proj) * self.q_scale
-        shape = (batch, length, self.heads, self.head_dim)
+        shape = (*shape, self.heads, self.head_dim)
         k, v = dense(x, attention.k_proj).view(shape), dense(x, attention.v_proj).view(shape)
-        h = h + dense(attend(index, q.view(shape), k, v, 1.0), attention.out_proj)
+        h = h + dense(attend(index, q.view(shape), k, v, 1.0).flatten(0, 1), attention.out_proj)
         if not self.pre_norm:
             h = layer_norm(h, layer.self_attn_layer_norm)
         x = layer_norm(h, layer.final_layer_norm) if self.pre_norm else h
