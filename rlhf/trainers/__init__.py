@@ -1,0 +1,1 @@
+"""The three steps of the trainer (sft, reward, rl), their evaluation, checkpoints, logging."""
