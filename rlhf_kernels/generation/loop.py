@@ -80,12 +80,14 @@ def _eos_tensor(model, eos_token_id, device):
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
              pad_token_id=None, generator=None, cache: StaticKVCache | None = None,
-             cuda_graph: bool = True, backend: str = "auto") -> GenerationOutput:
+             cuda_graph: bool = True, fused: bool = True,
+             backend: str = "auto") -> GenerationOutput:
     """Sample (or greedily pick, temperature=0) up to `max_new_tokens` tokens per prompt.
 
     Stops early when every sequence has emitted EOS, so N <= max_new_tokens (as HF does).
     `max_new_tokens=0` returns the prompts and empty [B, 0] log-probs / mask.
     `generator` seeds the draws of the fused path (a torch.Generator on the model's device).
+    `fused=False` takes the HF path even when an adapter exists (the baseline of benchmarks).
     """
     temperature, top_k, top_p = decode_ops.check_sampling(temperature, top_k, top_p)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
@@ -101,9 +103,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     if max_new_tokens == 0:
         empty = torch.zeros(batch, 0, device=input_ids.device)
         return GenerationOutput(input_ids, empty, empty.long(), "empty")
-    adapter, why = adapter_for(model)
+    adapter, why = adapter_for(model) if fused else (None, "fused path turned off (fused=False)")
     if adapter is None:
-        say_once(why)
+        if fused:
+            say_once(why)
         response, logp, response_mask = hf_generate(
             model, input_ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_ids=eos, pad_token_id=pad_token_id)

@@ -1,0 +1,98 @@
+"""End-to-end PPO step: our path (hybrid engine on rlhf_kernels) vs the same trainer with HF
+`generate` and unfused torch losses (e2e_baselines.py).
+
+    python benchmarks/bench_e2e.py [--model tiny|smollm2] [--iterations 6] [--batch 32]
+
+It first trains a short SFT and reward model (the demo's task), then runs `run_rl` (PPO: actor,
+critic, reference, reward model) on each path and reads the per-iteration time breakdown the
+trainer records, as DeepSpeed-Chat reports it: generation (gather + generate), experience
+(reference / critic / reward forwards, advantages) and training (actor + critic updates).
+The first iteration of each path is a warm-up and is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+
+from common import environment, markdown_table  # noqa: E402
+from e2e_baselines import baseline_path  # noqa: E402
+from rlhf.demo import demo_config  # noqa: E402
+from rlhf.trainers.reward import run_rm  # noqa: E402
+from rlhf.trainers.rl import run_rl  # noqa: E402
+from rlhf.trainers.sft import run_sft  # noqa: E402
+
+PHASES = ("generation", "experience", "training")
+
+
+def breakdown(row):
+    return {"generation": row["time_generate"] + row.get("time_gather", 0.0),
+            "experience": row["time_experience"], "training": row["time_train"]}
+
+
+def measure(cfg, baseline: bool):
+    with baseline_path() if baseline else contextlib.nullcontext():
+        result = run_rl(cfg)
+    rows = result["history"][1:]  # the first iteration warms up
+    phases = {p: statistics.median(breakdown(r)[p] for r in rows) for p in PHASES}
+    tokens = statistics.median(r["response_len"] for r in rows)
+    return phases, tokens, result["generation_path"]
+
+
+def run(model, iterations, batch, new_tokens, output):
+    overrides = {"rl.steps": iterations, "rl.generation_batch_size": batch,
+                 "rl.train_batch_size": min(batch, 16), "rl.max_new_tokens": new_tokens,
+                 "sft.max_steps": 20, "rm.max_steps": 20, "log.progress": False,
+                 "log.tensorboard": False, "data.num_synthetic": 1200,
+                 "data.eval_fraction": 0.02}
+    cfg = demo_config(output, model == "tiny", overrides)
+    run_sft(cfg)
+    run_rm(cfg)
+    ours, ours_tokens, path = measure(cfg, baseline=False)
+    base, base_tokens, base_path = measure(cfg, baseline=True)
+    rows = []
+    for name, phases, tokens in (("HF generate + torch losses", base, base_tokens),
+                                 ("ours (rlhf_kernels)", ours, ours_tokens)):
+        total = sum(phases.values())
+        rows.append([name, *(f"{phases[p]:.2f}" for p in PHASES), f"{total:.2f}",
+                     f"{batch / total:.1f}", f"{batch * tokens / total:.0f}"])
+    speedup = sum(base.values()) / sum(ours.values())
+    header = ["path", "generation s", "experience s", "training s", "step s", "samples/s",
+              "tokens/s"]
+    ratios = ", ".join(f"{p} {base[p] / ours[p]:.2f}x" for p in PHASES)
+    return (markdown_table(header, rows), speedup, ratios, path, base_path)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
+    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--batch", type=int, default=32, help="prompts (= rollouts) per PPO step")
+    p.add_argument("--new-tokens", type=int, default=20)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as output:
+        table, speedup, ratios, path, base_path = run(args.model, args.iterations, args.batch,
+                                                      args.new_tokens, output)
+    command = "python benchmarks/bench_e2e.py " + " ".join(argv)
+    text = (f"# End-to-end PPO step\n\n{environment(torch.device('cpu'))}\n\n"
+            f"command: `{command.strip()}`\n\nmodel: {args.model} (the demo's); PPO with "
+            f"actor, critic, reference and reward model; {args.batch} rollouts of up to "
+            f"{args.new_tokens} tokens per step; median over {args.iterations - 1} steps after "
+            f"one warm-up.\n\n{table}\n\nPPO step: **{speedup:.2f}x** faster on our path "
+            f"({ratios}).\nGeneration: ours `{path}`; baseline `{base_path}`.\n")
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
