@@ -21,6 +21,9 @@ class Tracker:
         self.writer = self.wandb = self.bar = None
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = self.output / f"metrics-{phase}.jsonl"
+            if not self.history:  # a fresh run starts a fresh file; a resumed one appends
+                self.metrics_file.write_text("")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(self.output / "logs" / phase))
@@ -46,7 +49,7 @@ class Tracker:
                 self.writer.add_scalar(f"{self.phase}/{name}", value, step)
         if self.wandb is not None:
             self.wandb.log({f"{self.phase}/{k}": v for k, v in metrics.items()}, step=step)
-        with open(self.output / f"metrics-{self.phase}.jsonl", "a") as f:
+        with open(self.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.bar is not None:
             self.bar.update(1)
