@@ -1,0 +1,9 @@
+"""Drop-in rlhf_kernels for existing trainers: each submodule patches one package in place.
+
+    from rlhf_kernels.integrations import trl
+    trl.patch()      # returns the list of what was replaced, "where -> op"
+    trl.unpatch()    # the original functions are back
+
+Submodules: `trl`, `openrlhf`, `verl` (and `transformers`). Each has `patch()`, `unpatch()`
+and `is_patched()`; none imports its package before `patch()` is called.
+"""
