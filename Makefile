@@ -10,7 +10,7 @@ VENV_CUDA ?= .venv-cuda
 PY := $(VENV)/bin/python
 PY_CUDA := $(VENV_CUDA)/bin/python
 CPU_STACK := torch==2.13.0 triton==3.8.0 deepspeed transformers accelerate gguf pybind11 ninja \
-	pytest pytest-benchmark datasets tokenizers numpy peft trl tensorboard matplotlib pyyaml tqdm
+	pytest pytest-benchmark datasets tokenizers numpy peft trl==1.16.0 tensorboard matplotlib pyyaml tqdm
 CUDA_ARCHS ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
