@@ -87,6 +87,7 @@ class StepConfig:
     eval_every: int = _f(0, "evaluate every N optimizer steps (0 = at the end of each epoch)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0 = at the end only)")
     model_path: str = _f("", 'where later steps read this step\'s model ("" = <output>/<step>)')
+    head_lr_scale: float = _f(1.0, "value-head learning rate = lr x this (reward model)")
 
 
 def _rm_defaults() -> StepConfig:

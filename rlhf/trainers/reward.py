@@ -64,9 +64,15 @@ def run_rm(cfg, *, resume=False):
     if s.max_steps > 0:
         micro_steps = min(micro_steps, s.max_steps * s.grad_accum)
     total = micro_steps // s.grad_accum
+    # a fresh head on a pretrained backbone: it may learn at a larger rate (head_lr_scale)
+    head = list(model.v_head.parameters())
+    body = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": body, "weight_decay": s.weight_decay},
+              {"params": head, "weight_decay": 0.0, "lr": s.lr * s.head_lr_scale}]
     engine = init_train_engine(model, ds_config(
         cfg, lr=s.lr, weight_decay=s.weight_decay, micro_batch=s.per_device_batch_size,
-        grad_accum=s.grad_accum, warmup=s.warmup, total_steps=total, scheduler=s.scheduler))
+        grad_accum=s.grad_accum, warmup=s.warmup, total_steps=total, scheduler=s.scheduler),
+        params=[g for g in groups if g["params"]])
     out = step_dir(cfg, "rm")
     state = {"micro_step": 0, "history": []}
     if resume and (folder := latest_checkpoint(out)):
