@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import add_config_arguments, config_from_args, save_config
@@ -25,6 +26,8 @@ COMMANDS = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher puts --local_rank=N before the command; accept it after it too
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -35,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "demo":
             cmd.add_argument("--tiny", action="store_true",
                              help="a small random model (minutes) instead of SmolLM2-135M")
-        cmd.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+        cmd.add_argument("--local_rank", type=int, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
     return p
 
 
@@ -58,7 +62,9 @@ def main(argv=None) -> int:
     from .trainers.rl import run_rl
     from .trainers.sft import run_sft
     resume = getattr(args, "resume", False)
-    save_config(cfg, f"{cfg.output}/config-{args.command}.yaml")
+    if os.environ.get("RANK", "0") == "0":  # torch.distributed starts later: the launcher's env
+        os.makedirs(cfg.output, exist_ok=True)
+        save_config(cfg, f"{cfg.output}/config-{args.command}.yaml")
     results = {}
     if args.command in ("sft", "pipeline"):
         results["sft"] = run_sft(cfg, resume=resume)

@@ -78,6 +78,7 @@ def run_rm(cfg, *, resume=False):
     if resume and (folder := latest_checkpoint(out)):
         state = load_checkpoint(folder, {"model": engine})
         restore_rng(state["rng"], {})
+        log.info("resumed the reward model from %s at micro-step %d", folder, state["micro_step"])
     tracker = Tracker(out, "rm", tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                       wandb_project=cfg.log.wandb_project, progress=cfg.log.progress,
                       total=total, history=state["history"])
@@ -90,7 +91,7 @@ def run_rm(cfg, *, resume=False):
         out_loss = pairwise_loss(chosen, rejected)
         engine.backward(out_loss.loss)
         engine.step()
-        running.append((float(out_loss.loss), float(out_loss.accuracy)))
+        running.append((float(out_loss.loss.detach()), float(out_loss.accuracy)))
         if (micro + 1) % s.grad_accum:
             continue
         step = (micro + 1) // s.grad_accum

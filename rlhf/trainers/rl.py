@@ -156,6 +156,11 @@ def run_rl(cfg, *, resume=False, extra_scores=None):
     if resume and (folder := latest_checkpoint(out)):
         state = load_checkpoint(folder, engines)
         restore_rng(state["rng"], generators)
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        elif ema is not None:
+            log.warning("checkpoint %s has no EMA state: the EMA restarts from the SFT weights",
+                        folder)
         log.info("resumed RL from %s at iteration %d", folder, state["iteration"])
     evaluate = dict(max_new_tokens=max_new, temperature=r.temperature,
                     batch_size=r.generation_batch_size, seed=cfg.seed + 5, device=device)
@@ -200,7 +205,8 @@ def run_rl(cfg, *, resume=False, extra_scores=None):
         if r.save_every and (it + 1) % r.save_every == 0 and it + 1 < iterations:
             save_checkpoint(out, it + 1, engines, {
                 "iteration": it + 1, "history": tracker.history, "rng": rng_state(generators),
-                "eval_before": state["eval_before"]})
+                "eval_before": state["eval_before"],
+                "ema": None if ema is None else ema.state_dict()})
     tracker.close()
     after = evaluate_policy(hybrid, reference, scorer, held_out, **evaluate)
     save_pretrained_merged(actor_engine, f"{out}/actor", tokenizer)

@@ -76,7 +76,7 @@ def run_sft(cfg, *, resume=False):
         loss = engine(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
         engine.backward(loss)
         engine.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if (micro + 1) % s.grad_accum:
             continue
         step = (micro + 1) // s.grad_accum

@@ -20,13 +20,16 @@ class Tracker:
         self.main = is_main_process()
         self.writer = self.wandb = self.bar = None
         if self.main:
+            # a resumed run starts from its checkpoint's history: rows and events that an
+            # earlier process logged after that checkpoint are dropped, not shown twice
             self.output.mkdir(parents=True, exist_ok=True)
             self.metrics_file = self.output / f"metrics-{phase}.jsonl"
-            if not self.history:  # a fresh run starts a fresh file; a resumed one appends
-                self.metrics_file.write_text("")
+            self.metrics_file.write_text("".join(json.dumps(row) + "\n" for row in self.history))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.output / "logs" / phase))
+                purge_step = self.history[-1]["step"] + 1 if self.history else None
+                self.writer = SummaryWriter(str(self.output / "logs" / phase),
+                                            purge_step=purge_step)
             if wandb:
                 try:
                     import wandb as wandb_module
