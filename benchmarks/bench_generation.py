@@ -24,7 +24,9 @@ from common import copy_bandwidth, environment, markdown_table, median_time  # n
 
 from rlhf_kernels.generation import generate  # noqa: E402
 
-TINY_LLAMA = dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+# the demo's tiny family (rlhf.models.tiny: MLP 2x hidden, 512-token trained vocabulary, tied
+# embeddings, GQA) at 4 layers x 256 hidden
+TINY_LLAMA = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
