@@ -328,8 +328,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(rl.max_new_tokens is None or rl.max_new_tokens >= 1, "rl.max_new_tokens",
              "must be None or >= 1", rl.max_new_tokens)
     module, colon, function = rl.reward.partition(":")
-    _require(not colon or (module and function), "rl.reward", 'must be "" or "module:function"',
-             rl.reward)
+    _require(not rl.reward or bool(colon and module and function), "rl.reward",
+             'must be "" or "module:function"', rl.reward)
     _check_min(cfg.log, "log", {"log_every": 1})
     return cfg
 

@@ -44,14 +44,14 @@ def oracle_actor(logits, labels, old, adv, mask, ref, *, clip_low=0.2, clip_high
     return total / (batch * length), logp, ent, ratio
 
 
-def make_batch(rng, batch, length, vocab, dtype=torch.float32):
+def make_batch(rng, batch, length, vocab, dtype=torch.float32, temperature=1.0):
     x = (torch.randn(batch, length, vocab, generator=rng) * 2).to(dtype)
     y = torch.randint(0, vocab, (batch, length), generator=rng)
     mask = torch.rand(batch, length, generator=rng) > 0.25
     mask[0, 0] = True  # at least one valid token
     if batch >= 3:
         mask[2] = False  # a row with no valid token
-    true_logp, _ = logprobs64(x, y)
+    true_logp, _ = logprobs64(x, y, temperature)  # the log-probs the loss will see
     log_ratio = 0.3 * torch.randn(batch, length, generator=rng, dtype=torch.float64)
     # keep ratios off the kinks of the clipped objective (r = 0.8, 1.2, dual clip 3): there the
     # gradient jumps, and float32 rounding of logp may pick either side
@@ -105,7 +105,7 @@ def test_actor_loss_options(rng, backend, agg, kl_estimator, dual_clip, entropy_
                             temperature):
     if backend == "triton" and not torch.cuda.is_available() and temperature != 1.0:
         pytest.skip("Triton interpreter (no GPU): half of the grid keeps the run short")
-    x, y, old, adv, mask, ref = make_batch(rng, 3, 7, 100)
+    x, y, old, adv, mask, ref = make_batch(rng, 3, 7, 100, temperature=temperature)
     out = run_and_compare(backend, x, y, old, adv, mask, ref, agg=agg, kl_coef=0.1,
                           kl_estimator=kl_estimator, dual_clip=dual_clip,
                           entropy_coef=entropy_coef, temperature=temperature)
@@ -139,7 +139,7 @@ def test_actor_loss_all_masked(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_actor_loss_gradcheck_float64(rng, backend):
-    x, y, old, adv, mask, ref = make_batch(rng, 2, 3, 7)
+    x, y, old, adv, mask, ref = make_batch(rng, 2, 3, 7, temperature=0.9)
     x = x.double().requires_grad_()
     y = torch.where(mask, y, 0)
 

@@ -86,11 +86,15 @@ def test_prompts_all_too_long_is_an_error(tmp_path):
      "cannot import module 'no_such_module_for_rlhf_tests' of reward function"),
     ("rlhf.data.synthetic:no_such_function", "module 'rlhf.data.synthetic' has no attribute"),
     ("rlhf.data.synthetic:POSITIVE_WORDS", "is a frozenset, not a callable"),
-    ("rule_score", "must look like 'module:function'"),
 ])
 def test_reward_function_that_cannot_be_loaded(tmp_path, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         run_rl(tiny_config(tmp_path, {**CALLABLE_RL, "rl.reward": spec}))
+
+
+def test_reward_spec_without_a_colon_is_refused_by_the_config(tmp_path):
+    with pytest.raises(ValueError, match=re.escape('rl.reward\' must be "" or "module:function"')):
+        tiny_config(tmp_path, {**CALLABLE_RL, "rl.reward": "rule_score"})
 
 
 @pytest.mark.parametrize("body, message", [
