@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         results["rl"] = {k: v for k, v in rl.items() if k != "history"}
     if args.command == "eval":
         results = ev.evaluate_all(cfg)
-    print(json.dumps(results, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # one report per job, not one per process
+        print(json.dumps(results, indent=2, default=str), flush=True)
     return 0
 
 

@@ -55,6 +55,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a child process that imports this checkout's packages (one OpenMP
     thread per process, as `one_torch_thread`)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)  # set by this process's own single-rank group: not the child's
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
 
