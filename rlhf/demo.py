@@ -38,10 +38,11 @@ PRESETS = {
     },
     "smollm2": {  # 2 CPU cores: a forward + backward of 135M params on 8 x 60 tokens is ~5 s
         "model.name_or_path": "smollm2", "model.max_seq_len": 96, "data.num_synthetic": 1000,
+        "data.eval_fraction": 0.1,
         "sft.lr": 5e-5, "sft.max_steps": 12, "sft.per_device_batch_size": 8, "sft.warmup": 2,
-        "rm.lr": 5e-5, "rm.head_lr_scale": 100.0, "rm.max_steps": 24,
-        "rm.per_device_batch_size": 4, "rm.warmup": 2,
-        "rl.actor_lr": 5e-5, "rl.critic_lr": 5e-5, "rl.kl_ctl": 0.05, "rl.steps": 20,
+        "rm.lr": 2e-4, "rm.head_lr_scale": 10.0, "rm.max_steps": 24,
+        "rm.per_device_batch_size": 8, "rm.warmup": 2,
+        "rl.actor_lr": 1e-5, "rl.critic_lr": 1e-5, "rl.kl_ctl": 0.1, "rl.steps": 36,
         "rl.generation_batch_size": 8, "rl.train_batch_size": 8, "rl.max_new_tokens": 20,
     },
 }
