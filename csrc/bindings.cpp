@@ -5,6 +5,7 @@
 #include "decode.h"
 #include "gae.h"
 #include "logprobs.h"
+#include "skinny_linear.h"
 
 namespace py = pybind11;
 
@@ -22,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_cpu", &decode_attention_cpu, "decode attention, C++ CPU kernel",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"),
         py::arg("k_new"), py::arg("v_new"), py::arg("cache_start"), py::arg("softmax_scale"));
+  m.def("skinny_linear_cpu", &skinny_linear_cpu,
+        "x @ w^T (+ bias) for <= 8 rows of x (decode-step projections), C++ CPU kernel",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("sample_cpu", &sample_cpu, "temperature / top-k / top-p sampling, C++ CPU kernel",
         py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("uniforms"));

@@ -139,6 +139,7 @@ class _Decoder:
         batch, prompt_len = input_ids.shape
         device = adapter.device
         self.kernel = decode_ops.attention_kernel(backend, device, adapter.head_dim)
+        adapter.use_kernels(backend)
         self.sample = decode_ops.sample_kernel(backend, device)
         self.backend, self.use_graph = backend, use_graph
         self.input_ids, self.mask = input_ids, mask

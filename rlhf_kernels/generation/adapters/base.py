@@ -22,9 +22,9 @@ def linear(module):
     return module.weight, module.bias
 
 
-def dense(x, module):
+def dense(x, module, project=F.linear):
     weight, bias = linear(module)
-    return F.linear(x, weight, bias)
+    return project(x, weight, bias)
 
 
 def rms_norm(x, weight, eps):
@@ -40,9 +40,31 @@ def layer_norm(x, module):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
+def skinny_linear(backend: str, device, dtype):
+    """Our CPU kernel for projections of <= 8 rows (a decode step at batch <= 8), where a
+    general GEMM is slower than streaming the weight; None where it does not apply."""
+    if backend == "torch" or device.type != "cpu" or dtype != torch.float32:
+        return None
+    from ... import _backends
+    ext, _ = _backends.extension()
+    kernel = getattr(ext, "skinny_linear_cpu", None) if ext is not None else None
+    if kernel is None:
+        return None
+
+    def linear(x, weight, bias=None):
+        if x.shape[0] > SKINNY_MAX_ROWS or weight.dtype != torch.float32:
+            return F.linear(x, weight, bias)
+        return kernel(x, weight, bias)
+    return linear
+
+
+SKINNY_MAX_ROWS = 8  # csrc/skinny_linear.h
+
+
 class DecoderAdapter:
     family = "?"
     max_positions = None   # learned position tables bound the length; RoPE does not
+    linear = staticmethod(F.linear)  # projections; use_kernels() may swap in our CPU kernel
 
     def __init__(self, model):
         self.model, self.config = model, model.config
@@ -79,6 +101,9 @@ class DecoderAdapter:
         for index, layer in enumerate(self.blocks):
             h = self.block(index, layer, h, (batch, length), tables, attend)
         return self.head(h.view(batch, length, -1)[:, -1])
+
+    def use_kernels(self, backend: str) -> None:
+        self.linear = skinny_linear(backend, self.device, self.dtype) or F.linear
 
     def check_length(self, total: int) -> None:
         if self.max_positions is not None and total > self.max_positions:

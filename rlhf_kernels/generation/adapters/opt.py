@@ -36,14 +36,17 @@ class OPTAdapter(DecoderAdapter):
     def block(self, index, layer, h, shape, tables, attend):
         attention = layer.self_attn
         x = layer_norm(h, layer.self_attn_layer_norm) if self.pre_norm else h
-        q = dense(x, attention.q_proj) * self.q_scale
+        project = self.linear
+        q = dense(x, attention.q_proj, project) * self.q_scale
         shape = (*shape, self.heads, self.head_dim)
-        k, v = dense(x, attention.k_proj).view(shape), dense(x, attention.v_proj).view(shape)
-        h = h + dense(attend(index, q.view(shape), k, v, 1.0).flatten(0, 1), attention.out_proj)
+        k = dense(x, attention.k_proj, project).view(shape)
+        v = dense(x, attention.v_proj, project).view(shape)
+        out = attend(index, q.view(shape), k, v, 1.0).flatten(0, 1)
+        h = h + dense(out, attention.out_proj, project)
         if not self.pre_norm:
             h = layer_norm(h, layer.self_attn_layer_norm)
         x = layer_norm(h, layer.final_layer_norm) if self.pre_norm else h
-        h = h + dense(layer.activation_fn(dense(x, layer.fc1)), layer.fc2)
+        h = h + dense(layer.activation_fn(dense(x, layer.fc1, project)), layer.fc2, project)
         return h if self.pre_norm else layer_norm(h, layer.final_layer_norm)
 
     def head(self, h):
@@ -51,4 +54,4 @@ class OPTAdapter(DecoderAdapter):
             h = layer_norm(h, self.decoder.final_layer_norm)
         if self.decoder.project_out is not None:
             h = dense(h, self.decoder.project_out)
-        return dense(h, self.lm_head)
+        return dense(h, self.lm_head, self.linear)

@@ -1,0 +1,71 @@
+// Decode-step projections on the CPU (contract in csrc/skinny_linear.h).
+//
+// With M <= 8 rows of x a GEMM is a weight stream with little reuse, where a general GEMM
+// spends its time packing and synchronising. Here x is transposed once into xt [K, 8] (one
+// 8-lane vector per k, zero lanes past M, ~K * 32 bytes: L1/L2 resident) and every weight
+// element is broadcast against it: acc[n] += w[n, k] * xt[k], 8 rows of w per tile so that one
+// load of xt[k] feeds 8 FMAs. Lane m of acc[n] is y[m, n]; the sum over k runs in order.
+// Threads split the rows of w. Built for x86-64-v3 (AVX2 + FMA) and the baseline, picked at
+// load time (GCC target_clones).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../skinny_linear.h"
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+template <int R>
+inline void tile(const float* xt, int64_t K, const float* w, float* y, int64_t M, int64_t N,
+                 int64_t n0) {
+  v8 acc[R] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    v8 xv;
+    std::memcpy(&xv, xt + k * 8, sizeof(v8));
+    for (int r = 0; r < R; ++r) acc[r] += w[(n0 + r) * K + k] * xv;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r] = acc[r][m];
+}
+
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void skinny_block(const float* xt, int64_t K, const float* w, float* y, int64_t M, int64_t N,
+                  int64_t lo, int64_t hi) {
+  int64_t n = lo;
+  for (; n + 8 <= hi; n += 8) tile<8>(xt, K, w, y, M, N, n);
+  for (; n < hi; ++n) tile<1>(xt, K, w, y, M, N, n);
+}
+
+}  // namespace
+
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "skinny_linear_cpu: x [M, K] and w [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "skinny_linear_cpu: float32 only");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= SKINNY_MAX_ROWS, "skinny_linear_cpu: 1 to ",
+              SKINNY_MAX_ROWS, " rows of x");
+  const at::Tensor wc = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = wc.size(0);
+  at::Tensor xt = at::zeros({K, 8}, x.options());
+  xt.narrow(1, 0, M).copy_(x.t());
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xt.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // grain: whole 8-row tiles, and enough of them that a task streams >= 64 KB of weights
+  const int64_t grain = 8 * std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, (N + 7) / 8 * 8, grain, [&](int64_t lo, int64_t hi) {
+    skinny_block(xp, K, wp, yp, M, N, lo, std::min(hi, N));
+  });
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N,
+                "skinny_linear_cpu: bias [N] float32");
+    y.add_(*bias);
+  }
+  return y;
+}

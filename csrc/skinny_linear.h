@@ -1,0 +1,10 @@
+// y = x @ w^T (+ bias) for a few rows of x: the projections of one decode step (one row per
+// sequence). x [M, K] float32, M <= SKINNY_MAX_ROWS; w [N, K] float32 contiguous (an
+// nn.Linear weight, read in place); bias [N] float32 or None. Returns y [M, N] float32.
+#pragma once
+#include <torch/extension.h>
+
+constexpr int64_t SKINNY_MAX_ROWS = 8;
+
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
+                             const c10::optional<at::Tensor>& bias);
