@@ -60,13 +60,12 @@ def run(model, iterations, batch, new_tokens, output):
     for name, phases, tokens in (("HF generate + torch losses", base, base_tokens),
                                  ("ours (rlhf_kernels)", ours, ours_tokens)):
         total = sum(phases.values())
-        rows.append([name, *(f"{phases[p]:.2f}" for p in PHASES), f"{total:.2f}",
+        rows.append([new_tokens, name, *(f"{phases[p]:.3f}" for p in PHASES), f"{total:.3f}",
                      f"{batch / total:.1f}", f"{batch * tokens / total:.0f}"])
-    speedup = sum(base.values()) / sum(ours.values())
-    header = ["path", "generation s", "experience s", "training s", "step s", "samples/s",
-              "tokens/s"]
+    rows[-1].append(f"**{sum(base.values()) / sum(ours.values()):.2f}x**")
+    rows[0].append("1.00x")
     ratios = ", ".join(f"{p} {base[p] / ours[p]:.2f}x" for p in PHASES)
-    return (markdown_table(header, rows), speedup, ratios, path, base_path)
+    return rows, ratios, path, base_path
 
 
 def main(argv=None):
@@ -75,19 +74,26 @@ def main(argv=None):
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--batch", type=int, default=32, help="prompts (= rollouts) per PPO step")
-    p.add_argument("--new-tokens", type=int, default=20)
+    p.add_argument("--new-tokens", default="20,64",
+                   help="answer lengths, comma-separated (20: the demo's)")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as output:
-        table, speedup, ratios, path, base_path = run(args.model, args.iterations, args.batch,
-                                                      args.new_tokens, output)
+    rows, notes = [], []
+    for new_tokens in (int(n) for n in args.new_tokens.split(",")):
+        with tempfile.TemporaryDirectory() as output:
+            setting, ratios, path, base_path = run(args.model, args.iterations, args.batch,
+                                                   new_tokens, output)
+        rows += setting
+        notes.append(f"- up to {new_tokens} new tokens: {ratios}")
+    header = ["new tokens", "path", "generation s", "experience s", "training s", "step s",
+              "samples/s", "tokens/s", "speed-up"]
     command = "python benchmarks/bench_e2e.py " + " ".join(argv)
     text = (f"# End-to-end PPO step\n\n{environment(torch.device('cpu'))}\n\n"
             f"command: `{command.strip()}`\n\nmodel: {args.model} (the demo's); PPO with "
-            f"actor, critic, reference and reward model; {args.batch} rollouts of up to "
-            f"{args.new_tokens} tokens per step; median over {args.iterations - 1} steps after "
-            f"one warm-up.\n\n{table}\n\nPPO step: **{speedup:.2f}x** faster on our path "
-            f"({ratios}).\nGeneration: ours `{path}`; baseline `{base_path}`.\n")
+            f"actor, critic, reference and reward model; {args.batch} rollouts per step; "
+            f"median over {args.iterations - 1} steps after one warm-up. Generation: ours "
+            f"`{path}`; baseline `{base_path}`.\n\n{markdown_table(header, rows)}\n\n"
+            f"Per phase (baseline time / ours):\n" + "\n".join(notes) + "\n")
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -104,7 +104,8 @@ def plot(name: str, markdown: str, out: Path) -> Path | None:
                 width = number(r[phase])
                 ax.barh(y, width, left=left, color=color, label=phase if y == 0 else None)
                 left += width
-        ax.set_yticks(range(len(rows)), [r["path"] for r in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [f"{r['path']} ({r['new tokens']} tokens)" for r in rows],
+                      fontsize=8)
         ax.set_xlabel("seconds per PPO step")
         ax.legend(fontsize=8)
         fig.tight_layout()
