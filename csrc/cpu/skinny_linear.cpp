@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "../skinny_linear.h"
 
@@ -49,12 +50,15 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
               "skinny_linear_cpu: float32 only");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= SKINNY_MAX_ROWS, "skinny_linear_cpu: 1 to ",
               SKINNY_MAX_ROWS, " rows of x");
-  const at::Tensor wc = w.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = wc.size(0);
-  at::Tensor xt = at::zeros({K, 8}, x.options());
-  xt.narrow(1, 0, M).copy_(x.t());
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* xp = xt.data_ptr<float>();
+  const at::Tensor wc = w.contiguous(), xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  // xt [K, 8]: x transposed, lanes past M zero (built here: a few KB, no ATen op per call)
+  std::vector<float> xt(K * 8, 0.f);
+  const float* xsrc = xc.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xt[k * 8 + m] = xsrc[m * K + k];
+  at::Tensor y = at::empty({M, N}, xc.options());
+  const float* xp = xt.data();
   const float* wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // grain: whole 8-row tiles, and enough of them that a task streams >= 64 KB of weights

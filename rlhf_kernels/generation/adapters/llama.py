@@ -27,7 +27,7 @@ def _weights(layer):
 
 def rope_tables(cos, sin):
     """cos and a signed sin [B, T, 1, D] such that rotate() is HF's x*cos + rotate_half(x)*sin,
-    bit for bit: rotate_half(x) = [-x2, x1] = flip of the halves times [-1, +1]."""
+    bit for bit: rotate_half(x) = [-x2, x1] = the halves swapped, times [-1, +1]."""
     half = sin.shape[-1] // 2
     signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     return cos.unsqueeze(2), signed.unsqueeze(2)
@@ -35,7 +35,7 @@ def rope_tables(cos, sin):
 
 def rotate(x, cos, signed_sin):
     """RoPE on [B, T, H, D] (the two-halves convention of HF)."""
-    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    swapped = x.roll(x.shape[-1] // 2, -1)  # [x2, x1]
     return x * cos + swapped * signed_sin
 
 
