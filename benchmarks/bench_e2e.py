@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--batch", type=int, default=32, help="prompts (= rollouts) per PPO step")
-    p.add_argument("--new-tokens", default="20,64",
+    p.add_argument("--new-tokens", default="20,64,128",
                    help="answer lengths, comma-separated (20: the demo's)")
     p.add_argument("--out")
     args = p.parse_args(argv)

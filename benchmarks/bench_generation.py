@@ -7,7 +7,7 @@ Random-weight models get random prompts of one length; SmolLM2 gets chat prompts
 lengths, left padded (random tokens make a trained model's next-token choices near-ties, where
 the order of fp32 sums decides: "same" would then test rounding, not the implementation). tokens/s = B * N / time.
 The bound: every decode step must read the weights once and the KV cache written so far, so
-bound time = (N * weight bytes + KV bytes read over the N steps) / measured copy bandwidth;
+bound time = (N * weight bytes + KV bytes read over the N steps) / measured read bandwidth;
 "% of bound" = bound time / our time. "same" says whether our tokens equal HF's.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, environment, markdown_table, median_time  # noqa: E402
+from common import environment, markdown_table, median_time, read_bandwidth  # noqa: E402
 
 from rlhf_kernels.generation import generate  # noqa: E402
 
@@ -131,7 +131,7 @@ def bound_seconds(model, batch, prompt, new_tokens, bandwidth):
 
 
 def run(models, batches, dtype, device, repeats, new_tokens_override):
-    bandwidth = copy_bandwidth(device) / 2  # a decode step reads: count read bytes only
+    bandwidth = read_bandwidth(device)  # a decode step reads weights and KV: reads only
     rows = []
     for name in models:
         model, config = build(name, dtype, device)

@@ -46,6 +46,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / t
 
 
+def read_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
+    """Measured streaming read bandwidth in bytes/s (a sum over a buffer far larger than cache)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    return nbytes / median_time(lambda: src.sum(), device, repeats=10)
+
+
 def environment(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
