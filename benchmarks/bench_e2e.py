@@ -21,7 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from common import environment, markdown_table  # noqa: E402
+from common import environment, markdown_table, publish  # noqa: E402
 from e2e_baselines import baseline_path  # noqa: E402
 from rlhf.demo import demo_config  # noqa: E402
 from rlhf.trainers.reward import run_rm  # noqa: E402
@@ -94,10 +94,7 @@ def main(argv=None):
             f"median over {args.iterations - 1} steps after one warm-up. Generation: ours "
             f"`{path}`; baseline `{base_path}`.\n\n{markdown_table(header, rows)}\n\n"
             f"Per phase (baseline time / ours):\n" + "\n".join(notes) + "\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rlhf_kernels  # noqa: E402
 from rlhf_kernels import _backends  # noqa: E402
-from common import copy_bandwidth, environment, markdown_table, median_time  # noqa: E402
+from common import (copy_bandwidth, environment, markdown_table, median_time,  # noqa: E402
+                    publish)
 from gae_baselines import loop_gae_skip, loop_gae_zero  # noqa: E402
 
 SHAPES = [(64, 512), (256, 1024), (1024, 2048), (8, 16384)]
@@ -90,11 +91,7 @@ def main(argv=None):
     text = (f"# GAE benchmark\n\n{environment(device)}\n\ncommand: `{command.strip()}`\n\n"
             f"measured copy bandwidth (ceiling): {ceiling / 1e9:.1f} GB/s; fp32 rewards/values, "
             f"bool mask, gamma=1, lam=0.95, right-padded rows\n\n{table}\n")
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, markdown_table, median_time, read_bandwidth  # noqa: E402
+from common import (environment, markdown_table, median_time, publish,  # noqa: E402
+                    read_bandwidth)
 
 from rlhf_kernels.generation import generate  # noqa: E402
 
@@ -183,10 +184,7 @@ def main(argv=None):
     text = (f"# Generation benchmark\n\n{environment(device)}\n\ncommand: `{command.strip()}`\n\n"
             f"{dtype}, greedy, EOS off; measured read bandwidth (ceiling): "
             f"{bandwidth / 1e9:.1f} GB/s\n\n{table}\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

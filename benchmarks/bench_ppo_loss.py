@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rlhf_kernels  # noqa: E402
 from rlhf_kernels import _backends  # noqa: E402
-from common import copy_bandwidth, environment, markdown_table, median_time, sync  # noqa: E402
+from common import (copy_bandwidth, environment, markdown_table, median_time,  # noqa: E402
+                    publish, sync)
 from ppo_loss_baselines import baseline_actor_loss, baseline_linear_actor_loss  # noqa: E402
 
 GPU_SHAPES = [(8, 512, 32000), (16, 1024, 32000), (4, 1024, 152064)]
@@ -195,10 +196,7 @@ def main(argv=None):
             f"token-mean; measured copy bandwidth (ceiling): {ceiling / 1e9:.1f} GB/s\n\n{table}\n")
     if ltable:
         text += f"\n## LM head + loss (hidden, weight in {dtype})\n\n{ltable}\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
