@@ -10,11 +10,9 @@ import inspect
 
 import torch
 
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as Hugging Face generate does, so that left
-    padding does not shift the positions of the prompt and the response."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+# positions counted over real tokens only, as generation (ours and HF's) counts them, so that
+# left padding does not shift the positions of the prompt and the response
+from rlhf_kernels.generation.fallback import positions_from_mask as position_ids_from_mask
 
 
 def unwrap(model):

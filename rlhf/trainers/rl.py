@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from ..algorithms import RLHParams, get_algorithm, make_experience, train_step
+from ..algorithms import (RLHParams, get_algorithm, make_experience, response_logprobs,
+                          train_step)
 from ..data import PromptDataset, SFTDataset, load_phase, phase_data_from_config
 from ..data.templates import eos_token_id, pad_token_id
 from ..engine import EMA, init_eval_engine, init_train_engine
@@ -83,7 +84,6 @@ def evaluate_policy(hybrid, reference, scorer, prompts, *, max_new_tokens, tempe
                     batch_size, seed, device) -> dict[str, float]:
     """Mean reward, KL(policy || reference) per response (sum of log-ratios) and extra scores
     on held-out prompts, sampled with a fixed seed so runs compare."""
-    from ..algorithms import response_logprobs
     generator = torch.Generator(device).manual_seed(seed)
     totals, n = {}, 0
     for start in range(0, len(prompts), batch_size):
@@ -147,6 +147,7 @@ def run_rl(cfg, *, resume=False, extra_scores=None):
         ptx_data = (load_phase("sft", r.ptx_sources, seed=cfg.seed) if r.ptx_sources
                     else phase_data_from_config(cfg, "sft"))
         ptx = SFTDataset(ptx_data.train, tokenizer, max_seq_len=cfg.model.max_seq_len)
+        ptx_order = BatchOrder(len(ptx), r.train_batch_size, cfg.seed + 6)
     sample_gen = torch.Generator(device).manual_seed(cfg.seed + 3)
     split_gen = torch.Generator().manual_seed(cfg.seed + 4)
     generators = {"sample": sample_gen, "split": split_gen}
@@ -183,8 +184,8 @@ def run_rl(cfg, *, resume=False, extra_scores=None):
                               algorithm=algorithm, hp=hp, critic=critic_engine,
                               use_behaviour_logprobs=True)
         experience_s = time.perf_counter() - t0
-        ptx_batches = None if ptx is None else [to_device(collate(ptx, BatchOrder(
-            len(ptx), r.train_batch_size, cfg.seed + 6).batch(it)), device)]
+        ptx_batches = (None if ptx is None
+                       else [to_device(collate(ptx, ptx_order.batch(it)), device)])
         with hybrid.train():
             stats = train_step(actor_engine, critic_engine, exp, algorithm, hp,
                                ptx_batches=ptx_batches, generator=split_gen)

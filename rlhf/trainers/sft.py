@@ -12,6 +12,8 @@ import time
 
 import torch
 
+import rlhf_kernels
+
 from ..data import SFTDataset, phase_data_from_config
 from ..engine import init_train_engine
 from ..models import save_pretrained_merged
@@ -34,8 +36,7 @@ def perplexity(model, dataset, batch_size: int, device) -> float:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         valid = labels != -100
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        picked = rlhf_kernels.logprobs(logits[:, :-1], labels.clamp(min=0))
         nll -= picked[valid].double().sum().cpu()
         tokens += int(valid.sum())
     model.train(was_training)
