@@ -4,6 +4,7 @@
 // vectorised exp per logit feeds the running sums
 //   s = sum exp(z - m),  u = sum exp(z - m) * (z - m)
 // so that lse = m + log s and entropy = log s - u / s (relative to m: no cancellation).
+// The row loops are built twice, 8 lanes for x86-64-v3 and 4 for the baseline (vec_math.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -54,9 +55,9 @@ void backward_row_f64(const double* x, double* g, int64_t V, double inv_t, int64
   g[label] = (g_logp * (1 - p) - (p > 0 ? g_ent * p * (x_label - lse + ent) : 0.0)) * inv_t;
 }
 
-template <typename scalar_t>
-RowStats<acc_type<scalar_t>> forward_row(const scalar_t* x, int64_t V, double inv_t,
-                                         int64_t label) {
+template <int W, typename scalar_t>
+RLHF_INLINE RowStats<acc_type<scalar_t>> forward_row(const scalar_t* x, int64_t V, double inv_t,
+                                                     int64_t label) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     return forward_row_f64(x, V, inv_t, label);
   } else {
@@ -64,14 +65,14 @@ RowStats<acc_type<scalar_t>> forward_row(const scalar_t* x, int64_t V, double in
   const float inv_tf = static_cast<float>(inv_t);
   float m = NEG_INF, s = 0.f, u = 0.f;
   for (int64_t c0 = 0; c0 < V; c0 += C) {
-    const int64_t n = std::min(C, V - c0), full = n / VW * VW, padded = (n + VW - 1) / VW * VW;
-    vfloat vmax = vsplat(NEG_INF);
-    for (int64_t i = 0; i < full; i += VW) {
-      const vfloat zz = load_float(x + c0 + i) * inv_tf;
+    const int64_t n = std::min(C, V - c0), full = n / W * W, padded = (n + W - 1) / W * W;
+    vfloat<W> vmax = vsplat<W>(NEG_INF);
+    for (int64_t i = 0; i < full; i += W) {
+      const vfloat<W> zz = load_float<W>(x + c0 + i) * inv_tf;
       vstore(z + i, zz);
       vmax = zz > vmax ? zz : vmax;
     }
-    float cmax = hmax(vmax);
+    float cmax = hmax<W>(vmax);
     for (int64_t i = full; i < padded; ++i) {
       z[i] = i < n ? static_cast<float>(x[c0 + i]) * inv_tf : NEG_INF;  // -inf pads: exp = 0
       cmax = std::max(cmax, z[i]);
@@ -83,15 +84,15 @@ RowStats<acc_type<scalar_t>> forward_row(const scalar_t* x, int64_t V, double in
       s *= scale;
       m = cmax;
     }
-    vfloat vs = {}, vu = {};
-    for (int64_t i = 0; i < padded; i += VW) {
-      const vfloat d = vload<vfloat>(z + i) - m;
-      const vfloat e = vexp(d);
+    vfloat<W> vs = {}, vu = {};
+    for (int64_t i = 0; i < padded; i += W) {
+      const vfloat<W> d = vload<vfloat<W>>(z + i) - m;
+      const vfloat<W> e = vexp<W>(d);
       vs += e;
-      vu += e > 0.f ? e * d : vsplat(0.f);  // 0 * -inf would be NaN
+      vu += e > 0.f ? e * d : vsplat<W>(0.f);  // 0 * -inf would be NaN
     }
-    s += hsum(vs);
-    u += hsum(vu);
+    s += hsum<W>(vs);
+    u += hsum<W>(vu);
   }
   const float log_s = std::log(s);
   const float lse = m + log_s;
@@ -99,9 +100,9 @@ RowStats<acc_type<scalar_t>> forward_row(const scalar_t* x, int64_t V, double in
   }
 }
 
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void backward_row(const scalar_t* x, scalar_t* g, int64_t V, double inv_td, int64_t label,
-                  acc_t lse, acc_t ent, acc_t g_logp, acc_t g_ent) {
+template <int W, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+RLHF_INLINE void backward_row(const scalar_t* x, scalar_t* g, int64_t V, double inv_td,
+                              int64_t label, acc_t lse, acc_t ent, acc_t g_logp, acc_t g_ent) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     return backward_row_f64(x, g, V, inv_td, label, lse, ent, g_logp, g_ent);
   } else {
@@ -110,12 +111,12 @@ void backward_row(const scalar_t* x, scalar_t* g, int64_t V, double inv_td, int6
   // The label's own term is done last from its saved logit: g may be x (in place).
   const float x_label = static_cast<float>(x[label]) * inv_t;
   const float shift = ent - lse;
-  const int64_t full = V / VW * VW;
-  for (int64_t i = 0; i < full; i += VW) {
-    const vfloat zz = load_float(x + i) * inv_t;
-    const vfloat p = vexp(zz - lse);
-    const vfloat gz = p > 0.f ? -p * (g_logp + g_ent * (zz + shift)) : vsplat(0.f);
-    store_from_float(g + i, gz * inv_t);
+  const int64_t full = V / W * W;
+  for (int64_t i = 0; i < full; i += W) {
+    const vfloat<W> zz = load_float<W>(x + i) * inv_t;
+    const vfloat<W> p = vexp<W>(zz - lse);
+    const vfloat<W> gz = p > 0.f ? -p * (g_logp + g_ent * (zz + shift)) : vsplat<W>(0.f);
+    store_from_float<W>(g + i, gz * inv_t);
   }
   for (int64_t i = full; i < V; ++i) {
     const float zz = static_cast<float>(x[i]) * inv_t;
@@ -126,6 +127,60 @@ void backward_row(const scalar_t* x, scalar_t* g, int64_t V, double inv_td, int6
   const float gz = g_logp * (1.f - p) - (p > 0.f ? g_ent * p * (x_label + shift) : 0.f);
   g[label] = static_cast<scalar_t>(gz * inv_t);
   }
+}
+
+// Rows [lo, hi) of the flattened [B, T]: what one thread runs, built per instruction set.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+struct Rows {
+  const scalar_t* x;
+  scalar_t* g;  // backward only
+  int64_t T, V, sb, st, gb, gt;
+  double inv_t;
+  const int64_t* labels;
+  acc_t *logp, *lse, *entropy;                      // forward outputs (entropy may be null)
+  const acc_t *lse_in, *ent_in, *g_logp, *g_ent;    // backward inputs (ent_in, g_ent may be null)
+};
+
+template <int W, typename scalar_t>
+RLHF_INLINE void forward_rows(const Rows<scalar_t>& a, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const auto r = forward_row<W>(a.x + (i / a.T) * a.sb + (i % a.T) * a.st, a.V, a.inv_t,
+                                  a.labels[i]);
+    a.logp[i] = r.logp;
+    a.lse[i] = r.lse;
+    if (a.entropy) a.entropy[i] = r.entropy;
+  }
+}
+
+template <int W, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+RLHF_INLINE void backward_rows(const Rows<scalar_t>& a, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t b = i / a.T, t = i % a.T;
+    backward_row<W>(a.x + b * a.sb + t * a.st, a.g + b * a.gb + t * a.gt, a.V, a.inv_t,
+                    a.labels[i], a.lse_in[i], a.ent_in ? a.ent_in[i] : acc_t(0), a.g_logp[i],
+                    a.g_ent ? a.g_ent[i] : acc_t(0));
+  }
+}
+
+template <typename scalar_t>
+RLHF_CPU_V3 void forward_rows_v3(const Rows<scalar_t>& a, int64_t lo, int64_t hi) {
+  forward_rows<8>(a, lo, hi);
+}
+template <typename scalar_t>
+RLHF_CPU_V3 void backward_rows_v3(const Rows<scalar_t>& a, int64_t lo, int64_t hi) {
+  backward_rows<8>(a, lo, hi);
+}
+
+template <typename scalar_t>
+void run_rows(const Rows<scalar_t>& a, int64_t n, bool backward) {
+  const bool v3 = cpu_has_v3();
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    if (backward) {
+      v3 ? backward_rows_v3(a, lo, hi) : backward_rows<4>(a, lo, hi);
+    } else {
+      v3 ? forward_rows_v3(a, lo, hi) : forward_rows<4>(a, lo, hi);
+    }
+  });
 }
 
 void check_layout(const at::Tensor& logits, const at::Tensor& labels, const char* fn) {
@@ -152,17 +207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
   const int64_t* y = labels.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_fwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* x = logits.data_ptr<scalar_t>();
-    acc_t *lp = logp.data_ptr<acc_t>(), *ls = lse.data_ptr<acc_t>();
-    acc_t* en = with_entropy ? ent.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const auto r = forward_row(x + (i / T) * sb + (i % T) * st, V, inv_temperature, y[i]);
-        lp[i] = r.logp;
-        ls[i] = r.lse;
-        if (en) en[i] = r.entropy;
-      }
-    });
+    Rows<scalar_t> a{};
+    a.x = logits.data_ptr<scalar_t>();
+    a.T = T, a.V = V, a.sb = sb, a.st = st, a.inv_t = inv_temperature, a.labels = y;
+    a.logp = logp.data_ptr<acc_t>(), a.lse = lse.data_ptr<acc_t>();
+    a.entropy = with_entropy ? ent.data_ptr<acc_t>() : nullptr;
+    run_rows(a, B * T, /*backward=*/false);
   });
   return {logp, ent, lse};
 }
@@ -188,17 +238,13 @@ void logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels, const 
   const int64_t* y = labels.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_bwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const acc_t *ls = lse_c.data_ptr<acc_t>(), *gl = glp.data_ptr<acc_t>();
-    const acc_t* en = has_ent ? ent_c.data_ptr<acc_t>() : nullptr;
-    const acc_t* ge = has_ent ? gent.data_ptr<acc_t>() : nullptr;
-    const scalar_t* x = logits.data_ptr<scalar_t>();
-    scalar_t* g = grad_logits.data_ptr<scalar_t>();
-    at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t b = i / T, t = i % T;
-        backward_row(x + b * sb + t * st, g + b * gb + t * gt, V, inv_temperature, y[i], ls[i],
-                     en ? en[i] : acc_t(0), gl[i], ge ? ge[i] : acc_t(0));
-      }
-    });
+    Rows<scalar_t> a{};
+    a.x = logits.data_ptr<scalar_t>(), a.g = grad_logits.data_ptr<scalar_t>();
+    a.T = T, a.V = V, a.sb = sb, a.st = st, a.gb = gb, a.gt = gt;
+    a.inv_t = inv_temperature, a.labels = y;
+    a.lse_in = lse_c.data_ptr<acc_t>(), a.g_logp = glp.data_ptr<acc_t>();
+    a.ent_in = has_ent ? ent_c.data_ptr<acc_t>() : nullptr;
+    a.g_ent = has_ent ? gent.data_ptr<acc_t>() : nullptr;
+    run_rows(a, B * T, /*backward=*/true);
   });
 }
