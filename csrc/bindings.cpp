@@ -5,6 +5,7 @@
 #include "decode.h"
 #include "gae.h"
 #include "logprobs.h"
+#include "rms_norm.h"
 #include "skinny_linear.h"
 
 namespace py = pybind11;
@@ -26,6 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear_cpu", &skinny_linear_cpu,
         "x @ w^T (+ bias) for <= 8 rows of x (decode-step projections), C++ CPU kernel",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
+  m.def("rms_norm_cpu", &rms_norm_cpu,
+        "weight * x / sqrt(mean(x^2) + eps) over the last dim (decode-step norms), C++ CPU kernel",
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
   m.def("sample_cpu", &sample_cpu, "temperature / top-k / top-p sampling, C++ CPU kernel",
         py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("uniforms"));

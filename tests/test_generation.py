@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from rlhf_kernels.generation import generate, new_cache, response_logprobs
+from rlhf_kernels.generation import generate, loop, new_cache, response_logprobs
 from rlhf_kernels.generation.fallback import positions_from_mask
 
 from tiny_models import CONFIGS, FALLBACK, build, left_padded_prompts
@@ -24,7 +24,7 @@ def teacher_forced(model, out, prompt_mask, temperature):
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_greedy_equals_hf_token_for_token(family, rng):
+def test_greedy_equals_hf_token_for_token(family, rng, monkeypatch):
     model = build(CONFIGS[family], seed=int(torch.randint(1 << 30, (1,), generator=rng)))
     ids, mask = left_padded_prompts(LENGTHS, rng)
     ours = generate(model, ids, mask, max_new_tokens=12, temperature=0, eos_token_id=[])
@@ -32,12 +32,17 @@ def test_greedy_equals_hf_token_for_token(family, rng):
     assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12, eos=[]))
     # per-sequence EOS: make the token row 0 emits third the EOS; rows stop independently
     eos = int(ours.sequences[0, ids.shape[1] + 2])
+    compactions = []  # row 0 ending first drops it from the batch (a quarter of 4 rows)
+    compact = loop._Decoder.compact
+    monkeypatch.setattr(loop._Decoder, "compact", lambda self, keep, n: (
+        compactions.append(len(keep)), compact(self, keep, n)))
     ours = generate(model, ids, mask, max_new_tokens=12, temperature=0, eos_token_id=eos,
                     pad_token_id=0)
     theirs = hf_greedy(model, ids, mask, 12, eos)
     assert torch.equal(ours.sequences, theirs)
     response = ours.sequences[:, ids.shape[1]:]
     assert ours.response_mask[0].sum() <= 3  # row 0 stopped at its EOS
+    assert compactions and compactions[0] <= 3
     for row in range(len(LENGTHS)):  # mask = 1 up to and including the first EOS, pads after
         hits = (response[row] == eos).nonzero().flatten().tolist()
         stop = hits[0] + 1 if hits else response.shape[1]

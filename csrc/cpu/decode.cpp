@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../decode.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -46,6 +47,44 @@ void attend_group(const scalar_t* q, const scalar_t* k, const scalar_t* v, scala
     }
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<scalar_t>(acc[d]);  // 0 if n = 0
   }
+}
+
+// z = x / temperature, p = exp(z - max z) (unnormalised); returns the sum of p in double
+// (summed per 256 logits in float lanes): the behaviour log-prob must match training's
+// recompute. The exp is the sampler's cost at large V: vectorised, built per instruction set.
+template <int W>
+RLHF_INLINE double exp_row(const float* x, float inv_t, float* z, float* p, int64_t V,
+                           float* max_out) {
+  using namespace rlhf_cpu;
+  const int64_t full = V / W * W;
+  vfloat<W> vmax = vsplat<W>(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < full; j += W) {
+    const vfloat<W> zz = vload<vfloat<W>>(x + j) * inv_t;
+    vstore(z + j, zz);
+    vmax = zz > vmax ? zz : vmax;
+  }
+  float m = hmax<W>(vmax);
+  for (int64_t j = full; j < V; ++j) m = std::max(m, z[j] = x[j] * inv_t);
+  double sum = 0;
+  vfloat<W> acc = {};
+  for (int64_t j = 0; j < full; j += W) {
+    const vfloat<W> e = vexp<W>(vload<vfloat<W>>(z + j) - m);
+    vstore(p + j, e);
+    acc += e;
+    if ((j / W) % (256 / W) == 256 / W - 1) {
+      sum += hsum<W>(acc);
+      acc = vfloat<W>{};
+    }
+  }
+  sum += hsum<W>(acc);
+  for (int64_t j = full; j < V; ++j) sum += (p[j] = std::exp(z[j] - m));
+  *max_out = m;
+  return sum;
+}
+
+RLHF_CPU_V3 double exp_row_v3(const float* x, float inv_t, float* z, float* p, int64_t V,
+                              float* max_out) {
+  return exp_row<8>(x, inv_t, z, p, V, max_out);
 }
 
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
@@ -131,13 +170,13 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, double t
   int64_t* tp = tokens.data_ptr<int64_t>();
   float* lp = logp.data_ptr<float>();
   const float inv_t = static_cast<float>(1.0 / temperature);
+  const bool v3 = rlhf_cpu::cpu_has_v3();
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> z(V), p(V), tmp;
     for (int64_t b = lo; b < hi; ++b) {
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < V; ++j) m = std::max(m, z[j] = zp[b * V + j] * inv_t);
-      double sum = 0;  // double: the behaviour log-prob must match training's recompute
-      for (int64_t j = 0; j < V; ++j) sum += (p[j] = std::exp(z[j] - m));
+      float m;
+      const double sum = v3 ? exp_row_v3(zp + b * V, inv_t, z.data(), p.data(), V, &m)
+                            : exp_row<4>(zp + b * V, inv_t, z.data(), p.data(), V, &m);
       for (int64_t j = 0; j < V; ++j) p[j] = static_cast<float>(p[j] / sum);
       const float lse = m + static_cast<float>(std::log(sum));
       // kept: z >= z_kth (top-k, ties kept) and p >= p_min (top-p: strictly-above mass < top_p)

@@ -6,7 +6,8 @@
               (greedy when temperature is 0); finished rows emit pad_token_id.
 
 Every step has the same shapes and touches only preallocated tensors, so on CUDA it is
-captured once as a CUDA graph and replayed. Models with no adapter go through HF `generate`.
+captured once as a CUDA graph and replayed. Without a graph (the CPU), finished rows are
+dropped from the batch instead. Models with no adapter go through HF `generate`.
 """
 from __future__ import annotations
 
@@ -184,26 +185,47 @@ class _Decoder:
         uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
         return self.sample(logits, temperature, top_k, top_p, uniforms)
 
+    def compact(self, keep, length):
+        """Drop finished rows: the rows `keep` (indices into the current batch) move to the
+        front of the step inputs and of the cache's first `length` slots."""
+        for layer in range(self.adapter.num_layers):
+            for cache in self.cache.layer(layer, self.token.shape[0]):
+                cache[:len(keep), :, :length] = cache[keep, :, :length]
+        self.token, self.position = self.token[keep], self.position[keep]
+        self.length, self.start = self.length[keep], self.start[keep]
+
     @torch.no_grad()
     def run(self, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id, generator):
+        """Without a CUDA graph the batch shrinks as sequences finish (`rows`: the original
+        row of each one still running), once a quarter of it has ended: later steps cost what
+        the running sequences need, which matters when a few long answers outlast the rest."""
         batch, device = self.token.shape[0], self.token.device
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long,
                             device=device)
         logp = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
         alive = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+        rows = torch.arange(batch, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         step = None
         logits = self.prefill()
         check_every = 16 if device.type == "cuda" else 1   # all-finished test = a host sync
         for t in range(max_new_tokens):
             token, token_logp = self.choose(logits, temperature, top_k, top_p, generator)
-            tokens[:, t] = torch.where(finished, pad_token_id, token)
-            logp[:, t] = torch.where(finished, 0.0, token_logp.float())
-            alive[:, t] = (~finished).long()
+            tokens[rows, t] = torch.where(finished, pad_token_id, token)
+            logp[rows, t] = torch.where(finished, 0.0, token_logp.float())
+            alive[rows, t] = (~finished).long()
             finished |= torch.isin(token, eos)
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+            if t + 1 == max_new_tokens:
                 break
-            self.token[:, 0] = tokens[:, t]
+            if (t + 1) % check_every == 0:
+                running = int((~finished).sum())
+                if running == 0:
+                    break
+                if not self.use_graph and running <= len(rows) * 3 // 4:
+                    keep = (~finished).nonzero().flatten()
+                    self.compact(keep, int(self.length.max()))
+                    rows, finished = rows[keep], finished[keep]
+            self.token[:, 0] = tokens[rows, t]
             if step is None:
                 step = self.graphed_step() if self.use_graph else self.step
             logits = step()

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .base import DecoderAdapter, Unsupported, linear, rms_norm
+from .base import DecoderAdapter, Unsupported, linear
 
 
 def _weights(layer):
@@ -85,18 +85,18 @@ class LlamaAdapter(DecoderAdapter):
 
     def block(self, index, w, h, shape, tables, attend):
         cos, sin = tables
-        x = rms_norm(h, w.input_norm, w.eps)
+        x = self.rms_norm(h, w.input_norm, w.eps)
         q = self.linear(x, *w.q).view(*shape, self.heads, self.head_dim)
         k = self.linear(x, *w.k).view(*shape, self.kv_heads, self.head_dim)
         v = self.linear(x, *w.v).view(*shape, self.kv_heads, self.head_dim)
         if w.q_norm is not None:
-            q, k = rms_norm(q, w.q_norm, w.qk_eps), rms_norm(k, w.k_norm, w.qk_eps)
+            q, k = self.rms_norm(q, w.q_norm, w.qk_eps), self.rms_norm(k, w.k_norm, w.qk_eps)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         h = h + self.linear(attend(index, q, k, v, self.scale).flatten(0, 1), *w.o)
-        x = rms_norm(h, w.post_norm, w.eps)
+        x = self.rms_norm(h, w.post_norm, w.eps)
         gate, up = self.linear(x, *w.gate), self.linear(x, *w.up)
         return h + self.linear(self.act(gate) * up, *w.down)
 
     def head(self, h):
-        return self.linear(rms_norm(h, self.norm.weight, self.norm.variance_epsilon),
+        return self.linear(self.rms_norm(h, self.norm.weight, self.norm.variance_epsilon),
                            *linear(self.lm_head))
