@@ -8,6 +8,10 @@ critic, reference, reward model) on each path and reads the per-iteration time b
 trainer records, as DeepSpeed-Chat reports it: generation (gather + generate), experience
 (reference / critic / reward forwards, advantages) and training (actor + critic updates).
 The first iteration of each path is a warm-up and is not counted.
+
+Every rollout runs to exactly --new-tokens (EOS ignored, `rl.ignore_eos`): two sampled runs
+drift apart and would otherwise process answers of different lengths, so the paths would not
+do the same work. Fixed lengths make the rows comparable, as throughput benchmarks do.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ def measure(cfg, baseline: bool):
 def run(model, iterations, batch, new_tokens, output):
     overrides = {"rl.steps": iterations, "rl.generation_batch_size": batch,
                  "rl.train_batch_size": min(batch, 16), "rl.max_new_tokens": new_tokens,
+                 "rl.ignore_eos": True,
                  "sft.max_steps": 20, "rm.max_steps": 20, "log.progress": False,
                  "log.tensorboard": False, "data.num_synthetic": 1200,
                  "data.eval_fraction": 0.02}
@@ -74,7 +79,7 @@ def main(argv=None):
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--batch", type=int, default=32, help="prompts (= rollouts) per PPO step")
-    p.add_argument("--new-tokens", default="20,64,128",
+    p.add_argument("--new-tokens", default="20,64,128,256",
                    help="answer lengths, comma-separated (20: the demo's)")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -84,13 +89,14 @@ def main(argv=None):
             setting, ratios, path, base_path = run(args.model, args.iterations, args.batch,
                                                    new_tokens, output)
         rows += setting
-        notes.append(f"- up to {new_tokens} new tokens: {ratios}")
+        notes.append(f"- {new_tokens} new tokens: {ratios}")
     header = ["new tokens", "path", "generation s", "experience s", "training s", "step s",
               "samples/s", "tokens/s", "speed-up"]
     command = "python benchmarks/bench_e2e.py " + " ".join(argv)
     text = (f"# End-to-end PPO step\n\n{environment(torch.device('cpu'))}\n\n"
             f"command: `{command.strip()}`\n\nmodel: {args.model} (the demo's); PPO with "
             f"actor, critic, reference and reward model; {args.batch} rollouts per step; "
+            f"answers of exactly the given length (EOS ignored); "
             f"median over {args.iterations - 1} steps after one warm-up. Generation: ours "
             f"`{path}`; baseline `{base_path}`.\n\n{markdown_table(header, rows)}\n\n"
             f"Per phase (baseline time / ours):\n" + "\n".join(notes) + "\n")

@@ -123,6 +123,8 @@ class RLConfig:
     top_k: int = _f(0, "top-k sampling (0 = off)")
     top_p: float = _f(1.0, "nucleus sampling (1.0 = off)")
     max_new_tokens: Optional[int] = _f(None, "answer length in tokens (None = data.max_answer_len)")
+    ignore_eos: bool = _f(False, "rollouts run to max_new_tokens past EOS (fixed-length "
+                          "throughput benchmarks)")
     enable_ema: bool = _f(False, "keep an EMA copy of the actor")
     ema_beta: float = _f(0.992, "EMA decay")
     ptx: bool = _f(False, "mix the pretraining (SFT) loss into the actor update")

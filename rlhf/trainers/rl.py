@@ -139,8 +139,8 @@ def run_rl(cfg, *, resume=False, extra_scores=None):
     if scorer.model is not None:
         scorer.model = init_eval_engine(scorer.model, frozen)
     device = actor_engine.device
-    hybrid = HybridEngine(actor_engine, eos_token_id=eos_token_id(tokenizer),
-                          pad_token_id=pad_token_id(tokenizer))
+    eos = [] if r.ignore_eos else eos_token_id(tokenizer)
+    hybrid = HybridEngine(actor_engine, eos_token_id=eos, pad_token_id=pad_token_id(tokenizer))
     ema = EMA(actor_engine.module, r.ema_beta) if r.enable_ema else None
     ptx = None
     if r.ptx:
