@@ -1,7 +1,7 @@
 """End-to-end PPO step: our path (hybrid engine on rlhf_kernels) vs the same trainer with HF
 `generate` and unfused torch losses (e2e_baselines.py).
 
-    python benchmarks/bench_e2e.py [--model tiny|smollm2] [--iterations 6] [--batch 32]
+    python benchmarks/bench_e2e.py [--model tiny|smollm2] [--iterations 6] [--repeats 3] [--batch 32]
 
 It first trains a short SFT and reward model (the demo's task), then runs `run_rl` (PPO: actor,
 critic, reference, reward model) on each path and reads the per-iteration time breakdown the
@@ -41,15 +41,18 @@ def breakdown(row):
 
 
 def measure(cfg, baseline: bool):
+    """One run_rl on a path: its iterations after the warm-up, and its generation path."""
     with baseline_path() if baseline else contextlib.nullcontext():
         result = run_rl(cfg)
-    rows = result["history"][1:]  # the first iteration warms up
-    phases = {p: statistics.median(breakdown(r)[p] for r in rows) for p in PHASES}
-    tokens = statistics.median(r["response_len"] for r in rows)
-    return phases, tokens, result["generation_path"]
+    return result["history"][1:], result["generation_path"]
 
 
-def run(model, iterations, batch, new_tokens, output):
+def summarize(history):
+    phases = {p: statistics.median(breakdown(r)[p] for r in history) for p in PHASES}
+    return phases, statistics.median(r["response_len"] for r in history)
+
+
+def run(model, iterations, batch, new_tokens, repeats, output):
     overrides = {"rl.steps": iterations, "rl.generation_batch_size": batch,
                  "rl.train_batch_size": min(batch, 16), "rl.max_new_tokens": new_tokens,
                  "rl.ignore_eos": True,
@@ -59,8 +62,14 @@ def run(model, iterations, batch, new_tokens, output):
     cfg = demo_config(output, model == "tiny", overrides)
     run_sft(cfg)
     run_rm(cfg)
-    ours, ours_tokens, path = measure(cfg, baseline=False)
-    base, base_tokens, base_path = measure(cfg, baseline=True)
+    # ours, base, base, ours, ...: a slow drift of the machine's speed hits both paths alike
+    history, paths = {False: [], True: []}, {}
+    for r in range(repeats):
+        for baseline in ((False, True) if r % 2 == 0 else (True, False)):
+            rows, paths[baseline] = measure(cfg, baseline)
+            history[baseline] += rows
+    (ours, ours_tokens), (base, base_tokens) = summarize(history[False]), summarize(history[True])
+    path, base_path = paths[False], paths[True]
     rows = []
     for name, phases, tokens in (("HF generate + torch losses", base, base_tokens),
                                  ("ours (rlhf_kernels)", ours, ours_tokens)):
@@ -77,7 +86,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
-    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--iterations", type=int, default=6, help="PPO steps per run, the first a warm-up")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per path, alternating ours / baseline")
     p.add_argument("--batch", type=int, default=32, help="prompts (= rollouts) per PPO step")
     p.add_argument("--new-tokens", default="20,64,128,256",
                    help="answer lengths, comma-separated (20: the demo's)")
@@ -87,7 +98,7 @@ def main(argv=None):
     for new_tokens in (int(n) for n in args.new_tokens.split(",")):
         with tempfile.TemporaryDirectory() as output:
             setting, ratios, path, base_path = run(args.model, args.iterations, args.batch,
-                                                   new_tokens, output)
+                                                   new_tokens, args.repeats, output)
         rows += setting
         notes.append(f"- {new_tokens} new tokens: {ratios}")
     header = ["new tokens", "path", "generation s", "experience s", "training s", "step s",
@@ -97,7 +108,8 @@ def main(argv=None):
             f"command: `{command.strip()}`\n\nmodel: {args.model} (the demo's); PPO with "
             f"actor, critic, reference and reward model; {args.batch} rollouts per step; "
             f"answers of exactly the given length (EOS ignored); "
-            f"median over {args.iterations - 1} steps after one warm-up. Generation: ours "
+            f"median over {args.repeats} x {args.iterations - 1} steps per path (runs "
+            f"alternating, one warm-up step each). Generation: ours "
             f"`{path}`; baseline `{base_path}`.\n\n{markdown_table(header, rows)}\n\n"
             f"Per phase (baseline time / ours):\n" + "\n".join(notes) + "\n")
     publish(text, args.out)
