@@ -96,7 +96,7 @@ def plot(name: str, markdown: str, out: Path) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 2.6))
+        fig, ax = plt.subplots(figsize=(7, 1.0 + 0.32 * len(rows)))
         for y, r in enumerate(rows):
             left = 0.0
             for phase, color in (("generation s", "C0"), ("experience s", "C1"),
@@ -128,8 +128,10 @@ def main(argv=None):
     for name, (script, extra, title) in BENCHES.items():
         table = RESULTS / f"{name}_{device}.md"
         if not args.only_assemble and name not in skip:
-            subprocess.run([sys.executable, str(HERE / script), "--out", str(table), *extra],
-                           check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # paths relative to the checkout: the tables quote the command
+            subprocess.run([sys.executable, str((HERE / script).relative_to(HERE.parent)),
+                            "--out", str(table.relative_to(HERE.parent)), *extra],
+                           check=True, cwd=HERE.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if not table.exists():
             sections.append(f"## {title}\n\n(not run: {table.name} missing)\n")
             continue
