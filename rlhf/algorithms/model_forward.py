@@ -14,6 +14,8 @@ import torch
 # left padding does not shift the positions of the prompt and the response
 from rlhf_kernels.generation.fallback import positions_from_mask as position_ids_from_mask
 
+from ..models.inference import fused_logits
+
 
 def unwrap(model):
     """The module whose forward signature tells what the model accepts: through a DeepSpeed
@@ -50,7 +52,11 @@ def check_sequences(sequences, attention_mask, prompt_len: int) -> int:
 
 def causal_lm_logits(model, input_ids, attention_mask, keep_last: int = 0) -> torch.Tensor:
     """model(...).logits with position ids from the mask and no KV cache; with keep_last > 0
-    and a model that supports it, only the last `keep_last` positions go through the LM head."""
+    and a model that supports it, only the last `keep_last` positions go through the LM head.
+    Under torch.no_grad() supported models run on the fused path (rlhf.models.inference)."""
+    logits = fused_logits(model, input_ids, attention_mask, last=keep_last)
+    if logits is not None:  # no grad: the experience step's reference forward
+        return logits
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from rlhf.models.export import full_state_dict, write_on_main_process
+from rlhf.models.inference import fused_hidden
 from rlhf.models.loading import enable_gradient_checkpointing
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -109,8 +110,10 @@ class ValueModel(nn.Module):
                              f"{tuple(input_ids.shape)}")
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = fused_hidden(self.backbone, input_ids, attention_mask, position_ids)
+        if hidden is None:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False).last_hidden_state
         return self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
 
     @staticmethod

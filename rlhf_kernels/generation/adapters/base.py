@@ -72,7 +72,7 @@ def skinny_linear(backend: str, device, dtype):
         return None
 
     def linear(x, weight, bias=None):
-        if x.shape[0] > SKINNY_MAX_ROWS or weight.dtype != torch.float32:
+        if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or weight.dtype != torch.float32:
             return F.linear(x, weight, bias)
         return kernel(x, weight, bias)
     return linear
@@ -109,19 +109,29 @@ class DecoderAdapter:
         raise NotImplementedError
 
     def head(self, h):
+        """Hidden states out of the last block [..., hidden] -> logits [..., V]."""
         raise NotImplementedError
+
+    def final_norm(self, h):
+        """Hidden states out of the last block -> the base model's last_hidden_state (what a
+        value head reads); families that do not need it for value models leave it out."""
+        raise Unsupported(f"{self.family}: no last_hidden_state on the fused path")
 
     # -- the loop -------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, ids, positions, attend):
-        """ids, positions [B, T] -> logits of the last position [B, V]."""
+    def blocks_out(self, ids, positions, attend):
+        """ids, positions [B, T] -> hidden states out of the last block [B, T, hidden]."""
         h = self.embed(ids, positions)
         tables = self.prepare(positions, h)
         batch, length, width = h.shape
         h = h.view(batch * length, width)
         for index, layer in enumerate(self.blocks):
             h = self.block(index, layer, h, (batch, length), tables, attend)
-        return self.head(h.view(batch, length, -1)[:, -1])
+        return h.view(batch, length, -1)
+
+    def forward(self, ids, positions, attend):
+        """ids, positions [B, T] -> logits of the last position [B, V]."""
+        return self.head(self.blocks_out(ids, positions, attend)[:, -1])
 
     def use_kernels(self, backend: str) -> None:
         self.linear = skinny_linear(backend, self.device, self.dtype) or F.linear

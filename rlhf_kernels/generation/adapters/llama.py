@@ -45,7 +45,7 @@ class LlamaAdapter(DecoderAdapter):
 
     def __init__(self, model):
         config = model.config
-        inner = model.model
+        inner = getattr(model, "model", model)  # a causal LM, or its base model (value models)
         self.num_layers = len(inner.layers)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads or self.heads
@@ -56,7 +56,8 @@ class LlamaAdapter(DecoderAdapter):
         self.scale = float(getattr(attention, "scaling", self.head_dim ** -0.5))
         if getattr(config, "pretraining_tp", 1) > 1:
             raise Unsupported("pretraining_tp > 1")
-        self.embed_tokens, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        self.embed_tokens, self.norm = inner.embed_tokens, inner.norm
+        self.lm_head = getattr(model, "lm_head", None)
         self.rotary = inner.rotary_emb
         rope_type = getattr(self.rotary, "rope_type", "default")
         self.graph_safe = "dynamic" not in str(rope_type)  # dynamic NTK resizes with host syncs
@@ -97,6 +98,10 @@ class LlamaAdapter(DecoderAdapter):
         gate, up = self.linear(x, *w.gate), self.linear(x, *w.up)
         return h + self.linear(self.act(gate) * up, *w.down)
 
+    def final_norm(self, h):
+        return self.rms_norm(h, self.norm.weight, self.norm.variance_epsilon)
+
     def head(self, h):
-        return self.linear(self.rms_norm(h, self.norm.weight, self.norm.variance_epsilon),
-                           *linear(self.lm_head))
+        if self.lm_head is None:
+            raise Unsupported("a base model has no LM head")
+        return self.linear(self.final_norm(h), *linear(self.lm_head))

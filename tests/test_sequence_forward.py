@@ -1,0 +1,99 @@
+"""generation.sequence_forward (the experience step's no-grad forwards on the fused path)
+against the Hugging Face forward, when it declines, and its use by the trainer's forwards."""
+import pytest
+import torch
+
+import rlhf.models.inference as inference
+from rlhf.algorithms.model_forward import causal_lm_logits
+from rlhf.models import ValueModel
+from rlhf_kernels.generation import sequence_forward
+from rlhf_kernels.generation.fallback import positions_from_mask
+
+from tiny_models import CONFIGS, FALLBACK, build, left_padded_prompts
+
+LLAMA_FAMILY = [name for name in CONFIGS if not name.startswith(("gpt2", "opt"))]
+# fp32, the same math in another summation order (RMSNorm, projections): logits of size <= 10
+# agree to ~1e-6 (observed <= 4e-6); 2e-5 leaves room without hiding a wrong mask (~1e-1)
+ATOL = 2e-5
+
+
+def sequences(rng):
+    """Left-padded prompts followed by a response that ends early on one row (right pad)."""
+    ids, mask = left_padded_prompts([5, 1, 9, 3], rng)
+    mask = mask.clone()
+    mask[0, -2:] = 0
+    return ids, mask
+
+
+def hf(model, ids, mask, **kwargs):
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                 use_cache=False, **kwargs)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_logits_equal_hf_on_padded_sequences(family, rng):
+    model = build(CONFIGS[family], seed=int(torch.randint(1 << 30, (1,), generator=rng)))
+    ids, mask = sequences(rng)
+    with torch.no_grad():
+        expected = hf(model, ids, mask).logits
+        ours = sequence_forward(model, ids, mask)
+        last3 = sequence_forward(model, ids, mask, last=3)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last3, ours[:, -3:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", LLAMA_FAMILY)
+def test_hidden_states_of_a_base_model_equal_hf(family, rng):
+    model = build(CONFIGS[family], seed=3)
+    ids, mask = sequences(rng)
+    with torch.no_grad():
+        expected = hf(model.base_model, ids, mask).last_hidden_state
+        ours = sequence_forward(model.base_model, ids, mask, hidden=True)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
+
+
+def test_declines_what_it_cannot_serve_exactly(rng):
+    ids, mask = sequences(rng)
+    llama = build(CONFIGS["llama-gqa-tied"], seed=1)
+    assert sequence_forward(build(FALLBACK), ids, mask) is None            # no adapter
+    assert sequence_forward(build(CONFIGS["gpt2"]).base_model, ids, mask, hidden=True) is None
+    assert sequence_forward(llama.base_model, ids, mask) is None           # no LM head
+    llama.train()
+    assert sequence_forward(llama, ids, mask) is not None                  # no dropout: fine
+    llama.config.attention_dropout = 0.1
+    assert sequence_forward(llama, ids, mask) is None                      # dropout in training
+    llama.eval()
+    assert sequence_forward(llama, ids, mask) is not None
+    next(llama.parameters()).ds_id = 0                                     # ZeRO-3 partitioned
+    assert sequence_forward(llama, ids, mask) is None
+
+
+def test_lora_not_merged_is_declined(rng):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build(CONFIGS["llama-gqa-tied"], seed=1),
+                                peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ids, mask = sequences(rng)
+    assert sequence_forward(model, ids, mask) is None
+
+
+def test_trainer_forwards_take_the_fused_path_without_grad_only(rng, monkeypatch):
+    model = build(CONFIGS["llama-gqa-tied"], seed=2)
+    value = ValueModel.from_causal_lm(build(CONFIGS["qwen2-bias"], seed=2))
+    ids, mask = sequences(rng)
+    calls = []
+    original = inference.sequence_forward
+    monkeypatch.setattr(inference, "sequence_forward",
+                        lambda *a, **k: calls.append(k.get("hidden", False)) or original(*a, **k))
+    with torch.no_grad():
+        fused = causal_lm_logits(model, ids, mask, keep_last=4), value(ids, mask)
+        monkeypatch.setattr(inference, "ENABLED", False)
+        plain = causal_lm_logits(model, ids, mask, keep_last=4), value(ids, mask)
+        monkeypatch.setattr(inference, "ENABLED", True)
+    assert calls == [False, True]
+    real = mask.bool()  # padding positions differ (ours attend to themselves) and are unused
+    torch.testing.assert_close(fused[0][real[:, -4:]], plain[0][real[:, -4:]], atol=ATOL, rtol=0)
+    torch.testing.assert_close(fused[1][real], plain[1][real], atol=ATOL, rtol=0)
+    with_grad = value(ids, mask)  # training: the Hugging Face forward, differentiable
+    assert with_grad.requires_grad and calls == [False, True]
