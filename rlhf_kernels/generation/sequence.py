@@ -30,8 +30,10 @@ def _dropout_active(model) -> bool:
 
 
 def _partitioned(model) -> bool:
-    """ZeRO-3 keeps a parameter's data elsewhere (ds_id set); reading it in place is wrong."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    """ZeRO-3 keeps a parameter's data elsewhere (ds_id set); reading it in place is wrong.
+    It partitions every parameter of a model, so the first one tells."""
+    first = next(model.parameters(), None)
+    return first is None or hasattr(first, "ds_id")
 
 
 @torch.no_grad()
