@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../decode.h"

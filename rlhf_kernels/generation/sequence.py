@@ -1,11 +1,11 @@
 """No-grad forwards of whole sequences on the generation path (no KV cache): what an RL
-trainer's experience step runs on frozen models: the reference's log-probs, the reward
+trainer's experience step runs without gradients: the reference's log-probs, the reward
 model's score and the critic's values over prompt + response.
 
 The same adapters as generation read the weights in place and run the model's math with our
 CPU kernels (RMSNorm, projections) and SDPA over the padding mask; on the CPU this is about a
-fifth faster than the Hugging Face forward for the demo's model, and the logits equal it to
-float32 rounding. Models the path cannot serve exactly return None, and the caller runs HF:
+fifth faster than the Hugging Face forward for the demo's model (GPU: not measured yet), and
+the logits equal it to float32 rounding. Models the path cannot serve exactly return None, and the caller runs HF:
 no adapter, LoRA not merged, ZeRO-3-partitioned weights, or dropout active in training mode.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ def layer_norm(x, module):
 
 
 def _cpu_kernel(name: str, backend: str, device, dtype):
-    """A float32 CPU kernel of the extension for the decode loop, or None (other backend,
+    """A float32 CPU kernel of the extension for the adapters, or None (other backend,
     device or dtype, or no extension)."""
     if backend == "torch" or device.type != "cpu" or dtype != torch.float32:
         return None
