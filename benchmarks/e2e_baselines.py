@@ -1,7 +1,7 @@
 """The path trainers run today, for bench_e2e.py: HF `generate` (+ a forward for the log-probs),
-HF forwards for the experience, log_softmax + gather in float32 for log-probs and entropy, the
-Python-loop GAE. Swapped in for rlhf_kernels' ops inside `baseline_path()`; the PPO formulas
-themselves are shared."""
+HF forwards for the experience and the training updates, log_softmax + gather in float32 for
+log-probs and entropy, the Python-loop GAE. Swapped in for rlhf_kernels' ops inside
+`baseline_path()`; the PPO formulas themselves are shared."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ import functools
 import torch
 
 import rlhf.engine.hybrid as hybrid
-import rlhf.models.inference as inference
+import rlhf.models.fused_forward as fused_forward
 import rlhf_kernels
 from gae_baselines import loop_gae_zero
 from rlhf_kernels.generation import generate
@@ -50,18 +50,18 @@ def ppo_actor_loss(logits, labels, old_logprobs, advantages, mask, *, clip_low=0
 
 @contextlib.contextmanager
 def baseline_path():
-    """Inside the block the trainer generates with HF, runs the experience forwards through
-    HF and computes losses unfused."""
+    """Inside the block the trainer generates with HF, runs the experience and training
+    forwards through HF and computes losses unfused."""
     saved = {name: getattr(rlhf_kernels, name) for name in ("logprobs", "gae", "ppo_actor_loss")}
     saved_generate = hybrid.generate
     try:
         rlhf_kernels.logprobs, rlhf_kernels.gae = logprobs, gae
         rlhf_kernels.ppo_actor_loss = ppo_actor_loss
         hybrid.generate = functools.partial(generate, fused=False)
-        inference.ENABLED = False
+        fused_forward.ENABLED = False
         yield
     finally:
         for name, fn in saved.items():
             setattr(rlhf_kernels, name, fn)
         hybrid.generate = saved_generate
-        inference.ENABLED = True
+        fused_forward.ENABLED = True

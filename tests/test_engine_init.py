@@ -8,6 +8,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
+import rlhf.models.fused_forward as fused_forward
+from rlhf.algorithms.model_forward import causal_lm_logits
 from rlhf.engine import (
     EMA,
     config_dtype,
@@ -312,3 +314,34 @@ def test_ema_bad_input():
         ema.update(nn.Linear(3, 2))
     with pytest.raises(ValueError, match="does not match"):
         ema.load_state_dict({"beta": 0.5, "num_updates": 0, "shadow": {}})
+
+
+# ---------------------------------------------------------------- training forwards on the fused path
+
+
+@pytest.mark.parametrize("stage, fused", [(0, True), (2, True), (3, False)])
+def test_update_through_the_engine_on_the_fused_forward_equals_hf(tiny, batch, stage, fused,
+                                                                    monkeypatch):
+    """The actor's training forward goes through the engine (its hooks run) to the fused path,
+    and the step it gives equals the Hugging Face forward's; ZeRO-3 keeps HF (partitioned
+    weights). fp32: the same ops, so the updates agree to rounding (observed: bitwise)."""
+    taken = []
+    original = fused_forward.sequence_forward
+    monkeypatch.setattr(fused_forward, "sequence_forward",
+                        lambda *a, **k: taken.append(out := original(*a, **k)) or out)
+    params, losses = {}, {}
+    for enabled in (True, False):
+        monkeypatch.setattr(fused_forward, "ENABLED", enabled)
+        engine = init_train_engine(copy.deepcopy(tiny[0]), train_config(stage))
+        engine.train()
+        logits = causal_lm_logits(engine, batch["input_ids"], batch["attention_mask"])
+        logp = logits[:, :-1].float().log_softmax(-1).gather(
+            -1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        loss = -(logp * batch["attention_mask"][:, 1:]).sum()
+        engine.backward(loss)
+        engine.step()
+        params[enabled], losses[enabled] = trained_params(engine), loss.item()
+    assert [out is not None for out in taken] == ([True] if fused else [False])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    for name, value in params[False].items():
+        torch.testing.assert_close(params[True][name], value, atol=1e-6, rtol=0, msg=name)

@@ -1,9 +1,10 @@
-"""generation.sequence_forward (the experience step's no-grad forwards on the fused path)
-against the Hugging Face forward, when it declines, and its use by the trainer's forwards."""
+"""generation.sequence_forward (the trainer's whole-sequence forwards on the fused path, with
+and without grad) against the Hugging Face forward, when it declines, and its use by the
+trainer's forwards."""
 import pytest
 import torch
 
-import rlhf.models.inference as inference
+import rlhf.models.fused_forward as fused_forward
 from rlhf.algorithms.model_forward import causal_lm_logits
 from rlhf.models import ValueModel
 from rlhf_kernels.generation import sequence_forward
@@ -79,22 +80,82 @@ def test_lora_not_merged_is_declined(rng):
     assert sequence_forward(model, ids, mask) is None
 
 
-def test_trainer_forwards_take_the_fused_path_without_grad_only(rng, monkeypatch):
+def loss_and_grads(model, logits, mask, weights):
+    """A loss over the real positions only (as the PPO losses mask them) and its gradients."""
+    model.zero_grad(set_to_none=True)
+    (logits.float() * weights)[mask.bool()].sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_gradients_equal_hf(family, rng):
+    """With grad on, the path runs differentiable torch ops: the same parameter gradients as
+    the HF forward's. fp32, the same ops: observed bitwise equal, except 1.6e-7 (relative to a
+    tensor's largest gradient) with Qwen3's q / k norms; the tolerance is 1e-6 of it, where a
+    wrong mask or a missing term is off by O(1)."""
+    model = build(CONFIGS[family], seed=int(torch.randint(1 << 30, (1,), generator=rng)))
+    ids, mask = sequences(rng)
+    weights = torch.randn(*ids.shape, model.config.vocab_size, generator=rng)
+    expected = loss_and_grads(model, hf(model, ids, mask).logits, mask, weights)
+    ours = loss_and_grads(model, sequence_forward(model, ids, mask), mask, weights)
+    assert ours.keys() == expected.keys() and len(ours) == len(list(model.parameters()))
+    for name, grad in expected.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(ours[name], grad, atol=1e-6 * scale, rtol=0, msg=name)
+
+
+def test_training_mode_without_dropout_and_checkpointing(rng):
+    model = build(CONFIGS["llama-gqa-tied"], seed=4).train()
+    ids, mask = sequences(rng)
+    logits = sequence_forward(model, ids, mask)
+    assert logits is not None and logits.requires_grad
+    model.gradient_checkpointing_enable()
+    assert sequence_forward(model, ids, mask) is None        # HF recomputes; ours would not
+    with torch.no_grad():
+        assert sequence_forward(model, ids, mask) is not None  # no grad: nothing to recompute
+
+
+def test_trainer_forwards_take_the_fused_path_with_and_without_grad(rng, monkeypatch):
     model = build(CONFIGS["llama-gqa-tied"], seed=2)
     value = ValueModel.from_causal_lm(build(CONFIGS["qwen2-bias"], seed=2))
     ids, mask = sequences(rng)
     calls = []
-    original = inference.sequence_forward
-    monkeypatch.setattr(inference, "sequence_forward",
+    original = fused_forward.sequence_forward
+    monkeypatch.setattr(fused_forward, "sequence_forward",
                         lambda *a, **k: calls.append(k.get("hidden", False)) or original(*a, **k))
     with torch.no_grad():
         fused = causal_lm_logits(model, ids, mask, keep_last=4), value(ids, mask)
-        monkeypatch.setattr(inference, "ENABLED", False)
+        monkeypatch.setattr(fused_forward, "ENABLED", False)
         plain = causal_lm_logits(model, ids, mask, keep_last=4), value(ids, mask)
-        monkeypatch.setattr(inference, "ENABLED", True)
+        monkeypatch.setattr(fused_forward, "ENABLED", True)
     assert calls == [False, True]
     real = mask.bool()  # padding positions differ (ours attend to themselves) and are unused
     torch.testing.assert_close(fused[0][real[:, -4:]], plain[0][real[:, -4:]], atol=ATOL, rtol=0)
     torch.testing.assert_close(fused[1][real], plain[1][real], atol=ATOL, rtol=0)
-    with_grad = value(ids, mask)  # training: the Hugging Face forward, differentiable
-    assert with_grad.requires_grad and calls == [False, True]
+    training = causal_lm_logits(model, ids, mask, keep_last=4), value(ids, mask)
+    assert calls == [False, True, False, True]
+    assert all(out.requires_grad for out in training)
+    assert "forward" not in vars(model)  # the instance forward is swapped for the call only
+
+
+def test_routed_forward_falls_back_to_hf_for_other_calls(rng):
+    model = build(CONFIGS["llama-gqa-tied"], seed=5)
+    ids, mask = sequences(rng)
+    with torch.no_grad(), fused_forward.routed(model):
+        labels = model(input_ids=ids, attention_mask=mask, labels=ids)     # a kwarg it lacks
+        cached = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert labels.loss is not None and cached.past_key_values is not None
+    with pytest.raises(RuntimeError, match="boom"), fused_forward.routed(model):
+        raise RuntimeError("boom")
+    assert "forward" not in vars(model)
+
+
+def test_routed_through_unmerged_lora_runs_hf(rng):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build(CONFIGS["llama-gqa-tied"], seed=1),
+                                peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ids, mask = sequences(rng)
+    with torch.no_grad():
+        routed = causal_lm_logits(model, ids, mask)
+        expected = hf(model, ids, mask).logits
+    torch.testing.assert_close(routed, expected, atol=0, rtol=0)

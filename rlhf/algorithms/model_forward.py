@@ -14,7 +14,7 @@ import torch
 # left padding does not shift the positions of the prompt and the response
 from rlhf_kernels.generation.fallback import positions_from_mask as position_ids_from_mask
 
-from ..models.inference import fused_logits
+from ..models.fused_forward import routed
 
 
 def unwrap(model):
@@ -53,10 +53,8 @@ def check_sequences(sequences, attention_mask, prompt_len: int) -> int:
 def causal_lm_logits(model, input_ids, attention_mask, keep_last: int = 0) -> torch.Tensor:
     """model(...).logits with position ids from the mask and no KV cache; with keep_last > 0
     and a model that supports it, only the last `keep_last` positions go through the LM head.
-    Under torch.no_grad() supported models run on the fused path (rlhf.models.inference)."""
-    logits = fused_logits(model, input_ids, attention_mask, last=keep_last)
-    if logits is not None:  # no grad: the experience step's reference forward
-        return logits
+    Supported models run on the fused path (rlhf.models.fused_forward), with or without grad;
+    a DeepSpeed engine is still called as an engine."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
@@ -64,7 +62,8 @@ def causal_lm_logits(model, input_ids, attention_mask, keep_last: int = 0) -> to
         kwargs["use_cache"] = False
     if keep_last and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep_last
-    return model(**kwargs).logits
+    with routed(model):
+        return model(**kwargs).logits
 
 
 def response_logits(model, sequences, attention_mask, prompt_len: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from rlhf.models.export import full_state_dict, write_on_main_process
-from rlhf.models.inference import fused_hidden
+from rlhf.models.fused_forward import fused_hidden
 from rlhf.models.loading import enable_gradient_checkpointing
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -98,7 +98,8 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Values [B, T] in float32, one per position.
+        """Values [B, T] in float32, one per position; those of padding positions are
+        unspecified (the fused path and HF attend from them differently) and go unused.
 
         Position ids default to counting real tokens only (`position_ids_from_mask`), so left
         padding does not shift the positions of a row.

@@ -13,8 +13,9 @@ SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 def unwrap(model):
     """The Hugging Face causal LM under peft / DeepSpeed wrappers."""
     for _ in range(4):
-        if hasattr(model, "module") and not hasattr(model, "config"):
-            model = model.module                      # DeepSpeed engine, DDP
+        hf_config = hasattr(getattr(model, "config", None), "model_type")
+        if hasattr(model, "module") and not hf_config:
+            model = model.module                      # DeepSpeed engine (its config: a dict), DDP
         elif type(model).__name__.startswith("Peft") and hasattr(model, "get_base_model"):
             model = model.get_base_model()
         else:

@@ -118,9 +118,10 @@ class DecoderAdapter:
         raise Unsupported(f"{self.family}: no last_hidden_state on the fused path")
 
     # -- the loop -------------------------------------------------------------------------
-    @torch.no_grad()
     def blocks_out(self, ids, positions, attend):
-        """ids, positions [B, T] -> hidden states out of the last block [B, T, hidden]."""
+        """ids, positions [B, T] -> hidden states out of the last block [B, T, hidden].
+        Differentiable with the torch math (use_kernels("torch")); generation runs it under
+        no_grad."""
         h = self.embed(ids, positions)
         tables = self.prepare(positions, h)
         batch, length, width = h.shape
