@@ -28,8 +28,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x @ w^T (+ bias) for <= 8 rows of x (decode-step projections), C++ CPU kernel",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("rms_norm_cpu", &rms_norm_cpu,
-        "weight * x / sqrt(mean(x^2) + eps) over the last dim (decode-step norms), C++ CPU kernel",
+        "weight * x / sqrt(mean(x^2) + eps) over the last dim, C++ CPU kernel",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm_backward_cpu", &rms_norm_backward_cpu,
+        "(grad x, grad weight) of rms_norm_cpu, C++ CPU kernel", py::arg("grad_y"), py::arg("x"),
+        py::arg("weight"), py::arg("eps"));
   m.def("sample_cpu", &sample_cpu, "temperature / top-k / top-p sampling, C++ CPU kernel",
         py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("uniforms"));

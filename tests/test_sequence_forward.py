@@ -89,10 +89,11 @@ def loss_and_grads(model, logits, mask, weights):
 
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_gradients_equal_hf(family, rng):
-    """With grad on, the path runs differentiable torch ops: the same parameter gradients as
-    the HF forward's. fp32, the same ops: observed bitwise equal, except 1.6e-7 (relative to a
-    tensor's largest gradient) with Qwen3's q / k norms; the tolerance is 1e-6 of it, where a
-    wrong mask or a missing term is off by O(1)."""
+    """With grad on, the path runs differentiable ops (our RMSNorm kernels' backward in fp32 on
+    the CPU): the same parameter gradients as the HF forward's. fp32 in another summation order
+    through two layers: observed gaps <= 4e-6 of a tensor's largest gradient (0 for GPT-2 /
+    OPT, which have no RMSNorm); the tolerance is 2e-5 of it, where a wrong mask or a missing
+    term is off by O(1)."""
     model = build(CONFIGS[family], seed=int(torch.randint(1 << 30, (1,), generator=rng)))
     ids, mask = sequences(rng)
     weights = torch.randn(*ids.shape, model.config.vocab_size, generator=rng)
@@ -101,7 +102,7 @@ def test_gradients_equal_hf(family, rng):
     assert ours.keys() == expected.keys() and len(ours) == len(list(model.parameters()))
     for name, grad in expected.items():
         scale = grad.abs().max().item()
-        torch.testing.assert_close(ours[name], grad, atol=1e-6 * scale, rtol=0, msg=name)
+        torch.testing.assert_close(ours[name], grad, atol=2e-5 * scale, rtol=0, msg=name)
 
 
 def test_training_mode_without_dropout_and_checkpointing(rng):

@@ -3,11 +3,11 @@ grad: what an RL trainer runs outside generation. Without grad: the experience s
 reference log-probs, reward scores and critic values; with grad: the actor's and the critic's
 training forwards.
 
-The same adapters as generation read the weights in place and run the model's math: without
-grad with our CPU kernels (RMSNorm, projections), with grad in differentiable torch ops, and
-SDPA over the padding mask. On the CPU this skips most of the Hugging Face forward's per-call
-work (about a fifth of the demo model's forward, and of its backward through fewer autograd
-nodes; GPU: not measured yet); logits and gradients equal HF's to float32 rounding. Models the
+The same adapters as generation read the weights in place and run the model's math with
+our CPU kernels where they apply (RMSNorm forward and backward; the skinny projections without
+grad), torch ops elsewhere and SDPA over the padding mask. On the CPU this skips much of the
+Hugging Face forward's per-call work and most autograd nodes of its norms (GPU: not measured
+yet); logits and gradients equal HF's to float32 rounding. Models the
 path cannot serve exactly return None, and the caller runs HF: no adapter, LoRA not merged,
 ZeRO-3-partitioned weights, dropout active in training mode, or gradient checkpointing with
 grad on.
@@ -75,6 +75,6 @@ def sequence_forward(model, input_ids, attention_mask, *, position_ids=None, las
         return None
     mask = attention_mask.long()
     positions = positions_from_mask(mask) if position_ids is None else position_ids
-    adapter.use_kernels("torch" if grad else backend)  # our CPU kernels have no backward
+    adapter.use_kernels(backend, grad=grad)
     out = adapter.blocks_out(input_ids, positions, SequenceAttention(mask, adapter.windows))
     return adapter.final_norm(out) if hidden else adapter.head(out[:, -last:] if last else out)

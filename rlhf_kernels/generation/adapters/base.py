@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...ops.rms_norm import rms_norm as fused_norm_op
+from ...reference.rms_norm import rms_norm  # HF's rounding; the adapters' default
+
 
 class Unsupported(Exception):
     """The model is of a known family but uses a feature the adapter does not implement."""
@@ -27,15 +30,6 @@ def dense(x, module, project=F.linear):
     return project(x, weight, bias)
 
 
-def rms_norm(x, weight, eps):
-    """HF's RMSNorm, same rounding: normalise in float32, scale in the input dtype."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.rms_norm(x, weight.shape, weight, eps)  # one op, bitwise the same in fp32
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
 def layer_norm(x, module):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
@@ -51,17 +45,12 @@ def _cpu_kernel(name: str, backend: str, device, dtype):
 
 
 def fused_rms_norm(backend: str, device, dtype):
-    """Our CPU kernel for RMSNorm in one pass (a chain of ATen ops costs ~30 us per call at
-    decode sizes); None where it does not apply."""
-    kernel = _cpu_kernel("rms_norm_cpu", backend, device, dtype)
-    if kernel is None:
+    """Our CPU kernels for RMSNorm, forward and backward (rlhf_kernels.ops.rms_norm): one pass
+    where ATen runs a chain of ops (~30 us per call at decode sizes, ~16 autograd nodes in
+    training); None where they do not apply."""
+    if _cpu_kernel("rms_norm_cpu", backend, device, dtype) is None:
         return None
-
-    def norm(x, weight, eps):
-        if x.dtype != torch.float32 or weight.dtype != torch.float32:
-            return rms_norm(x, weight, eps)
-        return kernel(x, weight, eps)
-    return norm
+    return fused_norm_op  # other dtypes at call time: the reference
 
 
 def skinny_linear(backend: str, device, dtype):
@@ -134,8 +123,10 @@ class DecoderAdapter:
         """ids, positions [B, T] -> logits of the last position [B, V]."""
         return self.head(self.blocks_out(ids, positions, attend)[:, -1])
 
-    def use_kernels(self, backend: str) -> None:
-        self.linear = skinny_linear(backend, self.device, self.dtype) or F.linear
+    def use_kernels(self, backend: str, grad: bool = False) -> None:
+        """Our CPU kernels where they apply; with grad only the differentiable ones."""
+        skinny = None if grad else skinny_linear(backend, self.device, self.dtype)
+        self.linear = skinny or F.linear
         self.rms_norm = fused_rms_norm(backend, self.device, self.dtype) or rms_norm
 
     def check_length(self, total: int) -> None:
