@@ -6,6 +6,7 @@
 #include "gae.h"
 #include "logprobs.h"
 #include "rms_norm.h"
+#include "rope.h"
 #include "skinny_linear.h"
 
 namespace py = pybind11;
@@ -30,6 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_cpu", &rms_norm_cpu,
         "weight * x / sqrt(mean(x^2) + eps) over the last dim, C++ CPU kernel",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rope_cpu", &rope_cpu,
+        "x * cos + rotate_half(x) * sin (HF's two-halves RoPE; signed sin), C++ CPU kernel",
+        py::arg("x"), py::arg("cos"), py::arg("signed_sin"));
   m.def("rms_norm_backward_cpu", &rms_norm_backward_cpu,
         "(grad x, grad weight) of rms_norm_cpu, C++ CPU kernel", py::arg("grad_y"), py::arg("x"),
         py::arg("weight"), py::arg("eps"));

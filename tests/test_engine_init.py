@@ -21,6 +21,7 @@ from rlhf.engine import (
     on_cpu,
     weight_decay_groups,
 )
+from rlhf.engine.deepspeed_init import clip_gradients_foreach
 from rlhf.models import apply_lora, full_state_dict, load_tiny
 from rlhf.models.export import gathered
 
@@ -350,3 +351,25 @@ def test_update_through_the_engine_on_the_fused_forward_equals_hf(tiny, batch, s
     for name, grad in grads[False].items():
         scale = grad.abs().max().item()
         torch.testing.assert_close(grads[True][name], grad, atol=2e-5 * scale, rtol=0, msg=name)
+
+
+def test_one_rank_fp32_clip_equals_deepspeeds(fresh_model, rng):
+    """At one rank, ZeRO-0, fp32 the engine clips with torch's multi-tensor kernels: the same
+    scaling as DeepSpeed's per-parameter clip (float32 rounding of the norm apart)."""
+    from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip
+    engine = init_train_engine(fresh_model, train_config(0, gradient_clipping=0.5))
+    assert engine.clip_fp32_gradients.func is clip_gradients_foreach
+    params = list(engine.module.parameters())
+    grads = [torch.randn(p.shape, generator=rng) for p in params]
+    clipped = {}
+    for name, clip in (("ours", engine.clip_fp32_gradients),
+                       ("deepspeed", lambda: deepspeed_clip(params, max_norm=0.5))):
+        for p, g in zip(params, grads):
+            p.grad = g.clone().to(p.device)
+        norm = clip()
+        clipped[name] = [p.grad.clone() for p in params]
+        assert float(norm) == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(),
+                                            rel=1e-5)
+    for ours, theirs in zip(clipped["ours"], clipped["deepspeed"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert torch.cat([g.flatten() for g in clipped["ours"]]).norm().item() == pytest.approx(0.5, rel=1e-4)

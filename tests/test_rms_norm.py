@@ -52,7 +52,7 @@ SHAPES = [(1, 1), (3, 7), (1, 64), (33, 128), (300, 96), (2, 5, 4, 64)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_op_gradients_match_float64(rng, shape):
+def test_cpu_op_gradients_match_float64(rng, shape):
     """dx = r (g - n mean(g n)) and dweight = sum_rows dy n against float64 autograd of the
     reference. fp32: dx sums H products of size ~r |dy w| (and cancels: H = 1 gives ~0), and
     dweight sums the rows' dy n, so the bound is (H + rows + 8) ulps of the terms' size."""
@@ -72,7 +72,7 @@ def test_op_gradients_match_float64(rng, shape):
     torch.testing.assert_close(dw.double(), want_dw, atol=ulps * terms["dw"], rtol=0)
 
 
-def test_op_gradcheck_and_partial_grads(rng):
+def test_cpu_op_gradcheck_and_partial_grads(rng):
     """gradcheck in float64 runs the reference (the kernels are float32 only); the float32
     kernel path with only x (or only weight) needing grad returns the other as None."""
     x = torch.randn(4, 6, dtype=torch.float64, generator=rng, requires_grad=True)
@@ -86,7 +86,7 @@ def test_op_gradcheck_and_partial_grads(rng):
     assert w32.grad is not None
 
 
-def test_op_dispatch_and_bad_input(rng):
+def test_cpu_op_dispatch_and_bad_input(rng):
     x, w = torch.randn(3, 8, generator=rng), torch.randn(8, generator=rng)
     torch.testing.assert_close(rms_norm_op(x, w, 1e-6, backend="cpu"),
                                rms_norm_op(x, w, 1e-6, backend="torch"))

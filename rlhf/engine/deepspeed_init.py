@@ -251,7 +251,17 @@ def init_train_engine(model: nn.Module, ds_config: dict[str, Any],
         # one rank: the all-reduce after each backward would flatten every gradient, reduce it
         # with itself and copy it back (~1 ms per step for the demo's tiny model)
         engine.enable_backward_allreduce = False
+        # and the fp32 clip (DeepSpeed's runs one norm, one multiply per parameter and an
+        # all-reduce of the total: ~0.6 ms per step of the tiny model, 0.18 ms this way)
+        engine.clip_fp32_gradients = functools.partial(clip_gradients_foreach, engine)
     return engine
+
+
+def clip_gradients_foreach(engine) -> torch.Tensor:
+    """DeepSpeed's fp32 gradient clip on one rank: scale every gradient by
+    min(1, max_norm / (total L2 norm + 1e-6)), in torch's multi-tensor kernels."""
+    return torch.nn.utils.clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                          foreach=True)
 
 
 def init_eval_engine(model: nn.Module, ds_config: dict[str, Any]):

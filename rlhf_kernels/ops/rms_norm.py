@@ -51,4 +51,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
             "--no-build-isolation) and float32 CPU tensors")
     if ext is None or not kernel_applies(x, weight):
         return reference(x, weight, eps)
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return ext.rms_norm_cpu(x, weight, float(eps))  # decode steps: no Function overhead
     return RMSNormFunction.apply(x, weight, float(eps), ext)

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.rms_norm import rms_norm as fused_norm_op
+from ...ops.rope import rotate as fused_rotate_op
 from ...reference.rms_norm import rms_norm  # HF's rounding; the adapters' default
+from ...reference.rope import rotate
 
 
 class Unsupported(Exception):
@@ -53,6 +55,14 @@ def fused_rms_norm(backend: str, device, dtype):
     return fused_norm_op  # other dtypes at call time: the reference
 
 
+def fused_rotate(backend: str, device, dtype):
+    """Our CPU kernel for RoPE, forward and backward (rlhf_kernels.ops.rope); None where it
+    does not apply."""
+    if _cpu_kernel("rope_cpu", backend, device, dtype) is None:
+        return None
+    return fused_rotate_op
+
+
 def skinny_linear(backend: str, device, dtype):
     """Our CPU kernel for projections of <= 8 rows (a decode step at batch <= 8), where a
     general GEMM is slower than streaming the weight; None where it does not apply."""
@@ -75,6 +85,7 @@ class DecoderAdapter:
     max_positions = None   # learned position tables bound the length; RoPE does not
     linear = staticmethod(F.linear)  # projections; use_kernels() may swap in our CPU kernel
     rms_norm = staticmethod(rms_norm)  # likewise
+    rotate = staticmethod(rotate)  # RoPE (Llama family); likewise
 
     def __init__(self, model):
         self.model, self.config = model, model.config
@@ -128,6 +139,7 @@ class DecoderAdapter:
         skinny = None if grad else skinny_linear(backend, self.device, self.dtype)
         self.linear = skinny or F.linear
         self.rms_norm = fused_rms_norm(backend, self.device, self.dtype) or rms_norm
+        self.rotate = fused_rotate(backend, self.device, self.dtype) or rotate
 
     def check_length(self, total: int) -> None:
         if self.max_positions is not None and total > self.max_positions:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from ...reference.rope import rope_tables
 from .base import DecoderAdapter, Unsupported, linear
 
 
@@ -23,20 +24,6 @@ def _weights(layer):
         q_norm=None if q_norm is None else q_norm.weight,
         k_norm=None if q_norm is None else attention.k_norm.weight,
         qk_eps=None if q_norm is None else q_norm.variance_epsilon)
-
-
-def rope_tables(cos, sin):
-    """cos and a signed sin [B, T, 1, D] such that rotate() is HF's x*cos + rotate_half(x)*sin,
-    bit for bit: rotate_half(x) = [-x2, x1] = the halves swapped, times [-1, +1]."""
-    half = sin.shape[-1] // 2
-    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    return cos.unsqueeze(2), signed.unsqueeze(2)
-
-
-def rotate(x, cos, signed_sin):
-    """RoPE on [B, T, H, D] (the two-halves convention of HF)."""
-    swapped = x.roll(x.shape[-1] // 2, -1)  # [x2, x1]
-    return x * cos + swapped * signed_sin
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -92,7 +79,7 @@ class LlamaAdapter(DecoderAdapter):
         v = self.linear(x, *w.v).view(*shape, self.kv_heads, self.head_dim)
         if w.q_norm is not None:
             q, k = self.rms_norm(q, w.q_norm, w.qk_eps), self.rms_norm(k, w.k_norm, w.qk_eps)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         h = h + self.linear(attend(index, q, k, v, self.scale).flatten(0, 1), *w.o)
         x = self.rms_norm(h, w.post_norm, w.eps)
         gate, up = self.linear(x, *w.gate), self.linear(x, *w.up)
