@@ -33,7 +33,7 @@ test: build
 	$(PY) -m pytest -q
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
 	# the CPU kernels' baseline (non-AVX2) build, which AVX2 machines never pick by themselves
-	RLHF_KERNELS_CPU_BASELINE=1 $(PY) -m pytest -q -k cpu tests/test_logprobs.py tests/test_ppo_loss.py tests/test_fused_linear.py tests/test_decode.py tests/test_rms_norm.py tests/test_rope.py
+	RLHF_KERNELS_CPU_BASELINE=1 $(PY) -m pytest -q -k cpu tests/test_logprobs.py tests/test_ppo_loss.py tests/test_fused_linear.py tests/test_decode.py tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py
 
 bench-smoke: build
 	$(PY) -m pytest -q benchmarks --benchmark-disable

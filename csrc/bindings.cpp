@@ -7,6 +7,7 @@
 #include "logprobs.h"
 #include "rms_norm.h"
 #include "rope.h"
+#include "swiglu.h"
 #include "skinny_linear.h"
 
 namespace py = pybind11;
@@ -31,6 +32,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_cpu", &rms_norm_cpu,
         "weight * x / sqrt(mean(x^2) + eps) over the last dim, C++ CPU kernel",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("swiglu_cpu", &swiglu_cpu, "silu(gate) * up, C++ CPU kernel", py::arg("gate"),
+        py::arg("up"));
+  m.def("swiglu_backward_cpu", &swiglu_backward_cpu,
+        "(grad gate, grad up) of swiglu_cpu, C++ CPU kernel", py::arg("grad_y"), py::arg("gate"),
+        py::arg("up"));
   m.def("rope_cpu", &rope_cpu,
         "x * cos + rotate_half(x) * sin (HF's two-halves RoPE; signed sin), C++ CPU kernel",
         py::arg("x"), py::arg("cos"), py::arg("signed_sin"));

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ...ops.rms_norm import rms_norm as fused_norm_op
 from ...ops.rope import rotate as fused_rotate_op
+from ...ops.swiglu import swiglu as fused_swiglu_op
 from ...reference.rms_norm import rms_norm  # HF's rounding; the adapters' default
 from ...reference.rope import rotate
 
@@ -61,6 +62,14 @@ def fused_rotate(backend: str, device, dtype):
     if _cpu_kernel("rope_cpu", backend, device, dtype) is None:
         return None
     return fused_rotate_op
+
+
+def fused_swiglu(backend: str, device, dtype):
+    """Our CPU kernels for silu(gate) * up, forward and backward (rlhf_kernels.ops.swiglu);
+    None where they do not apply."""
+    if _cpu_kernel("swiglu_cpu", backend, device, dtype) is None:
+        return None
+    return fused_swiglu_op
 
 
 def skinny_linear(backend: str, device, dtype):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ...reference.rope import rope_tables
-from .base import DecoderAdapter, Unsupported, linear
+from .base import DecoderAdapter, Unsupported, fused_swiglu, linear
 
 
 def _weights(layer):
@@ -49,6 +49,7 @@ class LlamaAdapter(DecoderAdapter):
         rope_type = getattr(self.rotary, "rope_type", "default")
         self.graph_safe = "dynamic" not in str(rope_type)  # dynamic NTK resizes with host syncs
         self.act = (F.silu if config.hidden_act == "silu" else inner.layers[0].mlp.act_fn)
+        self.gated = self.act_times_up
         self.windows = self._sliding_windows(config)
 
     def _sliding_windows(self, config):
@@ -64,6 +65,14 @@ class LlamaAdapter(DecoderAdapter):
             first_full = getattr(config, "max_window_layers", self.num_layers)
             return [window if i >= first_full else None for i in range(self.num_layers)]
         return [None] * self.num_layers
+
+    def act_times_up(self, gate, up):
+        return self.act(gate) * up
+
+    def use_kernels(self, backend: str, grad: bool = False) -> None:
+        super().use_kernels(backend, grad)
+        swiglu = fused_swiglu(backend, self.device, self.dtype) if self.act is F.silu else None
+        self.gated = swiglu or self.act_times_up
 
     def embed(self, ids, positions):
         return F.embedding(ids, self.embed_tokens.weight)
@@ -83,7 +92,7 @@ class LlamaAdapter(DecoderAdapter):
         h = h + self.linear(attend(index, q, k, v, self.scale).flatten(0, 1), *w.o)
         x = self.rms_norm(h, w.post_norm, w.eps)
         gate, up = self.linear(x, *w.gate), self.linear(x, *w.up)
-        return h + self.linear(self.act(gate) * up, *w.down)
+        return h + self.linear(self.gated(gate, up), *w.down)
 
     def final_norm(self, h):
         return self.rms_norm(h, self.norm.weight, self.norm.variance_epsilon)
