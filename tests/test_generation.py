@@ -203,3 +203,19 @@ def test_cuda_graph_decode_equals_hf(family, rng):
     assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12, eos=[]))
     expected = teacher_forced(model, ours, mask, 0.0).float()
     torch.testing.assert_close(ours.logprobs, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", [name for name in CONFIGS
+                                    if not name.startswith(("gpt2", "opt"))])
+def test_decode_position_tables_equal_the_rotary_module_bitwise(family, rng):
+    """The decode loop looks RoPE tables up instead of calling HF's rotary module every step:
+    the same bits for any positions, rope scaling included."""
+    from rlhf_kernels.generation.adapters import adapter_for
+    adapter, _ = adapter_for(build(CONFIGS[family], seed=0))
+    positions = torch.randint(0, 40, (3, 5), generator=rng)
+    like = torch.empty(0)
+    per_step = adapter.prepare(positions, like)
+    adapter.tabulate_positions(40)
+    assert adapter.position_tables is not None
+    for looked_up, computed in zip(adapter.prepare(positions, like), per_step):
+        assert torch.equal(looked_up, computed) and looked_up.shape == computed.shape

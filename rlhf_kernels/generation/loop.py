@@ -141,6 +141,7 @@ class _Decoder:
         device = adapter.device
         self.kernel = decode_ops.attention_kernel(backend, device, adapter.head_dim)
         adapter.use_kernels(backend)
+        adapter.tabulate_positions(cache.max_len)  # positions never pass the cache's length
         self.sample = decode_ops.sample_kernel(backend, device)
         self.backend, self.use_graph = backend, use_graph
         self.input_ids, self.mask = input_ids, mask

@@ -41,11 +41,10 @@ def _partitioned(model) -> bool:
 
 
 def _checkpointing(model) -> bool:
-    """HF recomputes activations in backward when this is on; our path would keep them."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new, old name
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
+    """HF recomputes activations in backward when this is on; our path would keep them. HF
+    marks each checkpointed module with a plain `gradient_checkpointing = True` attribute
+    (what its is_activation_checkpointing reads, through slower attribute lookups)."""
+    return any(m.__dict__.get("gradient_checkpointing", False) for m in model.modules())
 
 
 def sequence_forward(model, input_ids, attention_mask, *, position_ids=None, last: int = 0,

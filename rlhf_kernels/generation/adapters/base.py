@@ -99,7 +99,9 @@ class DecoderAdapter:
     def __init__(self, model):
         self.model, self.config = model, model.config
         for name, module in model.named_modules():
-            if len(getattr(module, "lora_A", ())) and not getattr(module, "merged", False):
+            # peft keeps lora_A among the submodules: a dict lookup, where getattr on a module
+            # without it raises and catches inside nn.Module (most of this loop's time)
+            if len(module._modules.get("lora_A") or ()) and not getattr(module, "merged", False):
                 raise Unsupported(f"LoRA adapters are not merged ({name}); merge them first")
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -112,6 +114,10 @@ class DecoderAdapter:
 
     def prepare(self, positions, like):
         return None
+
+    def tabulate_positions(self, length: int) -> None:
+        """Precompute what prepare() derives from positions < length, for a decode loop that
+        calls it once per step; families without per-position tables ignore it."""
 
     def block(self, index, layer, h, shape, tables, attend):
         """h [B * T, hidden] (tokens flattened: every projection is one GEMM) -> same."""

@@ -50,6 +50,7 @@ class LlamaAdapter(DecoderAdapter):
         self.graph_safe = "dynamic" not in str(rope_type)  # dynamic NTK resizes with host syncs
         self.act = (F.silu if config.hidden_act == "silu" else inner.layers[0].mlp.act_fn)
         self.gated = self.act_times_up
+        self.position_tables = None  # [max length, D] cos and signed sin, for decode steps
         self.windows = self._sliding_windows(config)
 
     def _sliding_windows(self, config):
@@ -78,7 +79,22 @@ class LlamaAdapter(DecoderAdapter):
         return F.embedding(ids, self.embed_tokens.weight)
 
     def prepare(self, positions, like):
+        if self.position_tables is not None:  # a decode step: two lookups
+            cos, sin = self.position_tables
+            return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
         return rope_tables(*self.rotary(like, positions))  # with the config's scaling
+
+    def tabulate_positions(self, length: int) -> None:
+        """The RoPE tables of positions 0 .. length-1 from HF's rotary module, once: each
+        entry is inv_freq * position (one product, no sum), its cos and sin, the same bits
+        as computing it per step. Not for dynamic rope types, whose tables depend on the
+        sequence length."""
+        if not self.graph_safe:
+            return
+        positions = torch.arange(length, device=self.device)[None]
+        like = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = rope_tables(*self.rotary(like, positions))
+        self.position_tables = cos[0, :, 0], sin[0, :, 0]  # [length, D]
 
     def block(self, index, w, h, shape, tables, attend):
         cos, sin = tables
