@@ -17,10 +17,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+CPU_ONLY = {"layer_ops"}  # GPUs run torch's kernels for these
 BENCHES = {  # name -> (script, extra arguments on CPU, title)
     "gae": ("bench_gae.py", [], "GAE"),
     "ppo_loss": ("bench_ppo_loss.py", [], "PPO actor loss (log-probs, entropy, KL, clip)"),
     "generation": ("bench_generation.py", [], "KV-cache generation"),
+    "layer_ops": ("bench_layer_ops.py", [], "Decoder-layer ops on the CPU (RMSNorm, RoPE, SwiGLU)"),
     "e2e": ("bench_e2e.py", [], "End-to-end PPO step"),
 }
 
@@ -92,6 +94,11 @@ def plot(name: str, markdown: str, out: Path) -> Path | None:
             "HF generate": [number(r["HF tok/s"]) for r in rows],
             "HF static cache": [number(r["HF static tok/s"]) for r in rows],
             "ours": [number(r["ours tok/s"]) for r in rows]}, "tokens/s", log=True)
+    elif name == "layer_ops":
+        labels = [f"{r['shape']}: {r['op']} {r['pass']}" for r in rows]
+        bars(path, "Decoder-layer ops on the CPU (us, log scale)", labels, {
+            "torch (HF's ATen chains)": [number(r["torch us"]) for r in rows],
+            "ours": [number(r["ours us"]) for r in rows]}, "us", log=True)
     elif name == "e2e":
         import matplotlib
         matplotlib.use("Agg")
@@ -126,6 +133,8 @@ def main(argv=None):
     sections = [f"# Benchmark report ({device})\n\nEach section is the table a benchmark "
                 f"script wrote (device, date, versions and the command are in it).\n"]
     for name, (script, extra, title) in BENCHES.items():
+        if name in CPU_ONLY and device != "cpu":
+            continue
         table = RESULTS / f"{name}_{device}.md"
         if not args.only_assemble and name not in skip:
             # paths relative to the checkout: the tables quote the command
