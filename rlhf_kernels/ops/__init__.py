@@ -12,6 +12,10 @@ OPS = {
     "logprobs": ("cuda", "triton", "cpu", "torch"),
     "decode_attention": ("cuda", "triton", "cpu", "torch"),
     "sample": ("cuda", "triton", "cpu", "torch"),
+    # the decoder-layer ops of the generation adapters' forwards: CPU kernels; GPUs run torch's
+    "rms_norm": ("cpu", "torch"),
+    "rope": ("cpu", "torch"),
+    "swiglu": ("cpu", "torch"),
 }
 
 __all__ = ["gae", "logprobs", "decode_attention", "sample", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
