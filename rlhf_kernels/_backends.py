@@ -109,3 +109,18 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         hint = "pip install triton" if backend == "triton" else BUILD_HINT
         raise BackendUnavailable(f"{op}: backend {backend!r} is not available: {why}; {hint}")
     return backend
+
+
+def layer_kernel(op: str, backend: str, *tensors: torch.Tensor):
+    """The extension, when the float32 CPU kernel `<op>_cpu` of a decoder-layer op (rms_norm,
+    rope, swiglu) serves these tensors; None where the op's torch reference runs. These ops
+    have no GPU kernels of ours (GPUs run torch's), so backend is "auto", "cpu" or "torch"."""
+    if backend not in ("auto", "cpu", "torch"):
+        raise ValueError(f"{op}: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
+    ext = None if backend == "torch" else extension()[0]
+    applies = ext is not None and hasattr(ext, f"{op}_cpu") and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    if backend == "cpu" and not applies:
+        raise BackendUnavailable(f"{op}: the cpu backend needs float32 CPU tensors and the "
+                                 f"built extension; {BUILD_HINT}")
+    return ext if applies else None

@@ -31,25 +31,14 @@ class RMSNormFunction(torch.autograd.Function):
                 grad_weight if ctx.needs_input_grad[1] else None, None, None)
 
 
-def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
              backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim of x [..., H] with weight [H]; differentiable."""
-    if backend not in ("auto", "cpu", "torch"):
-        raise ValueError(f"rms_norm: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"rms_norm: x [..., H] needs weight [H], got x {tuple(x.shape)} and "
                          f"weight {tuple(weight.shape)}")
-    ext = None if backend == "torch" else _backends.extension()[0]
-    if backend == "cpu" and (ext is None or not kernel_applies(x, weight)):
-        raise _backends.BackendUnavailable(
-            "rms_norm: the cpu backend needs the built extension (pip install -e . "
-            "--no-build-isolation) and float32 CPU tensors")
-    if ext is None or not kernel_applies(x, weight):
+    ext = _backends.layer_kernel("rms_norm", backend, x, weight)
+    if ext is None:
         return reference(x, weight, eps)
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return ext.rms_norm_cpu(x, weight, float(eps))  # decode steps: no Function overhead

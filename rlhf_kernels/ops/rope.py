@@ -41,21 +41,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, *,
            backend: str = "auto") -> torch.Tensor:
     """RoPE on x [B, T, H, D] with cos, signed_sin [B, T, 1, D]; differentiable in x (the
     tables are constants: positions carry no gradient)."""
-    if backend not in ("auto", "cpu", "torch"):
-        raise ValueError(f"rotate: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
     if x.dim() != 4 or cos.shape != (*x.shape[:2], 1, x.shape[3]) \
             or signed_sin.shape != cos.shape or x.shape[3] % 2:
-        raise ValueError(f"rotate: x [B, T, H, D] (D even) needs tables [B, T, 1, D], got x "
+        raise ValueError(f"rope: x [B, T, H, D] (D even) needs tables [B, T, 1, D], got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}, signed_sin "
                          f"{tuple(signed_sin.shape)}")
-    ext = None if backend == "torch" else _backends.extension()[0]
-    applies = (ext is not None and hasattr(ext, "rope_cpu") and x.device.type == "cpu"
-               and x.dtype == cos.dtype == signed_sin.dtype == torch.float32)
-    if backend == "cpu" and not applies:
-        raise _backends.BackendUnavailable(
-            "rotate: the cpu backend needs the built extension (pip install -e . "
-            "--no-build-isolation) and float32 CPU tensors")
-    if not applies or (cos.requires_grad or signed_sin.requires_grad):
+    ext = _backends.layer_kernel("rope", backend, x, cos, signed_sin)
+    if ext is None or cos.requires_grad or signed_sin.requires_grad:
         return reference(x, cos, signed_sin)
     if not torch.is_grad_enabled() or not x.requires_grad:
         return ext.rope_cpu(*_rows(x, cos, signed_sin)).view(x.shape)

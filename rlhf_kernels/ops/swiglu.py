@@ -32,19 +32,11 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for gate, up of one shape; differentiable."""
-    if backend not in ("auto", "cpu", "torch"):
-        raise ValueError(f"swiglu: backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate and up must have the same shape, got "
                          f"{tuple(gate.shape)} and {tuple(up.shape)}")
-    ext = None if backend == "torch" else _backends.extension()[0]
-    applies = (ext is not None and hasattr(ext, "swiglu_cpu") and gate.device.type == "cpu"
-               and gate.dtype == up.dtype == torch.float32)
-    if backend == "cpu" and not applies:
-        raise _backends.BackendUnavailable(
-            "swiglu: the cpu backend needs the built extension (pip install -e . "
-            "--no-build-isolation) and float32 CPU tensors")
-    if not applies:
+    ext = _backends.layer_kernel("swiglu", backend, gate, up)
+    if ext is None:
         return reference(gate, up)
     if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
         return ext.swiglu_cpu(gate, up)  # decode steps: no Function overhead
