@@ -16,25 +16,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in seconds (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
+def median_time(fn, device: torch.device, repeats: int, warmup: int = 2, setup=None) -> float:
+    """Median wall time of fn() in seconds (CUDA events on GPU). With `setup`, each repeat
+    first runs setup() untimed and times fn(setup's result) (e.g. a backward alone)."""
+    def once():
+        arg = setup() if setup is not None else None
+        call = (lambda: fn(arg)) if setup is not None else fn
+        sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            call()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() for _ in range(repeats))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
