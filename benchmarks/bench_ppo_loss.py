@@ -110,15 +110,13 @@ def time_impl(impl, shape, dtype, device, linear, repeats):
         with torch.no_grad():
             f(first, rest)
 
-    def fwd_bwd():
-        for x in first:
-            x.grad = None
-        f(first, rest).backward()
-
     def loss_with_graph():
         for x in first:
             x.grad = None
         return f(first, rest)
+
+    def fwd_bwd():
+        loss_with_graph().backward()
 
     t_fwd = median_time(fwd, device, repeats)
     t_bwd = median_time(lambda loss: loss.backward(), device, repeats, setup=loss_with_graph)

@@ -20,18 +20,16 @@ def median_time(fn, device: torch.device, repeats: int, warmup: int = 2, setup=N
     """Median wall time of fn() in seconds (CUDA events on GPU). With `setup`, each repeat
     first runs setup() untimed and times fn(setup's result) (e.g. a backward alone)."""
     def once():
-        arg = setup() if setup is not None else None
-        call = (lambda: fn(arg)) if setup is not None else fn
-        sync(device)
-        if device.type == "cuda":
+        args = () if setup is None else (setup(),)
+        if device.type == "cuda":  # events are stream-ordered: setup's queued work is not timed
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            call()
+            fn(*args)
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
         t0 = time.perf_counter()
-        call()
+        fn(*args)
         return time.perf_counter() - t0
 
     for _ in range(warmup):
