@@ -10,13 +10,30 @@ from ..models.export import is_main_process
 log = logging.getLogger("rlhf")
 
 
+def tracker_for(cfg, output: str | Path, phase: str, *, total: int, history=None) -> "Tracker":
+    """The Tracker of one step of a run, configured by the run's `log` section."""
+    lg = cfg.log
+    return Tracker(output, phase, tensorboard=lg.tensorboard, wandb=lg.wandb,
+                   wandb_project=lg.wandb_project, progress=lg.progress, total=total,
+                   history=history, log_every=lg.log_every)
+
+
 class Tracker:
-    """Records scalar metrics per step on rank 0; other ranks keep only the history."""
+    """Records scalar metrics on rank 0; other ranks keep only the history.
+
+    With log_every = N, the steps between two writes are averaged into one row at every N-th
+    step (each metric over the steps that reported it, as HF's Trainer does with logging_steps);
+    `flush()` writes what is pending (called before a checkpoint and by `close()`), so the
+    history a checkpoint saves holds every step's contribution.
+    """
 
     def __init__(self, output: str | Path, phase: str, *, tensorboard=True, wandb=False,
-                 wandb_project="rlhf", progress=True, total=None, history=None):
-        self.output, self.phase = Path(output), phase
+                 wandb_project="rlhf", progress=True, total=None, history=None, log_every=1):
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
+        self.output, self.phase, self.log_every = Path(output), phase, log_every
         self.history: list[dict] = list(history or [])
+        self._pending: list[tuple[int, dict[str, float]]] = []
         self.main = is_main_process()
         self.writer = self.wandb = self.bar = None
         if self.main:
@@ -39,11 +56,30 @@ class Tracker:
                     log.warning("W&B logging asked for but wandb is not installed")
             if progress:
                 from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, desc=phase, initial=len(self.history),
+                self.bar = tqdm(total=total, desc=phase, initial=self.history[-1]["step"] if self.history else 0,
                                 dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        """Record step `step`; written now when step is a multiple of log_every."""
+        self._pending.append((step, {k: float(v) for k, v in metrics.items()}))
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.log_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending steps as one row at the last of them (each metric averaged over the
+        steps that reported it)."""
+        if not self._pending:
+            return
+        step = self._pending[-1][0]
+        sums: dict[str, list[float]] = {}
+        for _, row in self._pending:
+            for name, value in row.items():
+                sums.setdefault(name, []).append(value)
+        self._pending = []
+        metrics = {name: sum(values) / len(values) for name, values in sums.items()}
+        row = {"step": step, **metrics}
         self.history.append(row)
         if not self.main:
             return
@@ -55,11 +91,11 @@ class Tracker:
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.bar is not None:
-            self.bar.update(1)
             shown = {k: f"{v:.3g}" for k, v in list(metrics.items())[:4]}
             self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
+        self.flush()
         if self.writer is not None:
             self.writer.close()
         if self.bar is not None:
