@@ -17,11 +17,14 @@ from typing import Any, Optional
 
 import yaml
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce")
+from rlhf_kernels.reference.ppo_loss import AGGREGATIONS as LOSS_AGGS
+from rlhf_kernels.reference.ppo_loss import KL_ESTIMATORS
+
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# "auto": the algorithm's own estimator (Algorithm.default_kl_estimator)
+KL_ESTIMATOR_CHOICES = ("auto",) + KL_ESTIMATORS
+ADAM_BETAS = (0.9, 0.95)  # DeepSpeed-Chat's choice
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -55,7 +58,6 @@ class DataConfig:
     data_split: str = _f("2,4,4", "share of every source for the sft, rm and rl steps")
     eval_fraction: float = _f(0.1, "held-out share of each step's records")
     max_prompt_len: int = _f(256, "prompts longer than this (tokens) are dropped for RL")
-    max_answer_len: int = _f(256, "longest generated answer in tokens")
     num_synthetic: int = _f(2000, "records made by the synthetic source")
     train_on_prompt: bool = _f(False, "SFT loss on the prompt tokens too")
 
@@ -64,9 +66,12 @@ class DataConfig:
 class DeepSpeedConfig:
     zero_stage: int = _f(0, "ZeRO stage 0-3 of the trained models")
     offload: bool = _f(False, "ZeRO-Offload of optimizer state (and parameters at stage 3) to CPU")
-    offload_reference_model: bool = _f(False, "offload the frozen reference model")
+    offload_reference_model: bool = _f(False, "keep the frozen reference model's parameters in "
+                                              "CPU memory (ZeRO-3 parameter offload; needs "
+                                              "zero_stage 3)")
     torch_adam: bool = _f(False, "torch AdamW instead of DeepSpeed's fused / CPU Adam")
-    adam_betas: list[float] = _f([0.9, 0.95], "Adam betas (DeepSpeed-Chat's choice)")
+    adam_betas: list[float] = _f(list(ADAM_BETAS), "AdamW betas of every trained model "
+                                                   "(DeepSpeed-Chat's choice)")
     gradient_clipping: float = _f(1.0, "global gradient-norm clip")
 
 
@@ -84,7 +89,7 @@ class StepConfig:
     warmup: int = _f(0, "warm-up optimizer steps")
     scheduler: str = _f("cosine", "cosine | linear | constant")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1 = run all epochs)")
-    eval_every: int = _f(0, "evaluate every N optimizer steps (0 = at the end of each epoch)")
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0 = at the end only)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0 = at the end only)")
     model_path: str = _f("", 'where later steps read this step\'s model ("" = <output>/<step>)')
     head_lr_scale: float = _f(1.0, "value-head learning rate = lr x this (reward model)")
@@ -103,26 +108,38 @@ class RLConfig:
     critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
     warmup: int = _f(100, "warm-up optimizer steps")
     scheduler: str = _f("cosine", "cosine | linear | constant")
-    kl_ctl: float = _f(0.1, "KL penalty coefficient against the reference model")
-    kl_estimator: str = _f("k1", "k1 | k2 | k3 KL estimator (DeepSpeed-Chat: k1 in the reward)")
-    clip_reward_value: float = _f(5.0, "rewards are clipped to +-this")
+    kl_ctl: float = _f(0.1, "KL penalty coefficient against the reference model (0: no "
+                            "reference model, no KL term)")
+    kl_estimator: str = _f("auto", "auto | k1 | k2 | k3: estimator of the KL to the reference. "
+                                   "auto = k1 in the per-token reward (ppo, rloo, reinforce; "
+                                   "DeepSpeed-Chat) and k3 in the actor loss (grpo), where k1's "
+                                   "expected gradient is zero")
+    clip_reward_value: float = _f(5.0, "scores are clipped to +-this")
     cliprange: float = _f(0.2, "PPO ratio clip")
     cliprange_value: float = _f(0.2, "value clip (ppo)")
     dual_clip: Optional[float] = _f(None, "dual-clip bound for negative advantages (None = off)")
     gamma: float = _f(1.0, "discount")
     lam: float = _f(0.95, "GAE lambda")
-    whiten_advantages: bool = _f(False, "normalise advantages over the batch")
+    whiten_advantages: bool = _f(False, "normalise ppo's GAE advantages over the batch")
+    scale_by_std: bool = _f(True, "grpo divides by the group's score std (false: Dr. GRPO)")
+    group_std_eps: float = _f(1e-4, "added to the group std before dividing (grpo)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
     loss_agg: str = _f("token-mean", "loss aggregation: " + " | ".join(LOSS_AGGS))
     ppo_epochs: int = _f(1, "passes over each batch of experience")
     generation_batch_size: int = _f(16, "prompts per generation batch per device")
     train_batch_size: int = _f(16, "experiences per training micro-batch per device")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    num_samples: int = _f(4, "responses per prompt (group size of grpo / rloo)")
+    num_samples: Optional[int] = _f(None, "responses per prompt (None = the algorithm's: 1 for "
+                                          "ppo / reinforce, 4 for grpo / rloo, whose group it is)")
+    min_response_tokens: int = _f(2, "rollouts with fewer response tokens (EOS included) are "
+                                     "dropped, a group whole (DeepSpeed-Chat: 2; 0 keeps all); "
+                                     "when a batch drops all, the last kept rollouts are reused")
+    recompute_logprobs: bool = _f(False, "old log-probs from a forward of the actor "
+                                         "(DeepSpeed-Chat) instead of the sampler's")
     temperature: float = _f(1.0, "sampling temperature")
     top_k: int = _f(0, "top-k sampling (0 = off)")
     top_p: float = _f(1.0, "nucleus sampling (1.0 = off)")
-    max_new_tokens: Optional[int] = _f(None, "answer length in tokens (None = data.max_answer_len)")
+    max_new_tokens: int = _f(256, "longest generated answer in tokens")
     ignore_eos: bool = _f(False, "rollouts run to max_new_tokens past EOS (fixed-length "
                           "throughput benchmarks)")
     enable_ema: bool = _f(False, "keep an EMA copy of the actor")
@@ -279,10 +296,36 @@ def parse_data_split(text: str) -> tuple[float, float, float]:
     return tuple(p / total for p in parts)
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Raise ValueError naming the first field whose value is out of range; return `cfg`."""
-    m, d, rl = cfg.model, cfg.data, cfg.rl
-    _require(bool(cfg.output), "output", "must name a folder", cfg.output)
+def check_rl_hparams(rl, prefix: str = "rl.") -> None:
+    """The checks of the RL hyper-parameters, on the config's `rl` section or on an RLHParams
+    (prefix ""): one place for both edges. ValueError names the field."""
+    def require(ok, name, message):
+        if not ok:
+            where = f"config key {prefix + name!r}" if prefix else name
+            raise ValueError(f"{where} {message}, got {getattr(rl, name)!r}")
+    require(rl.kl_estimator in KL_ESTIMATOR_CHOICES, "kl_estimator",
+            f"must be one of {', '.join(KL_ESTIMATOR_CHOICES)}")
+    require(rl.loss_agg in LOSS_AGGS, "loss_agg", f"must be one of {', '.join(LOSS_AGGS)}")
+    for name in ("kl_ctl", "entropy_coef", "ptx_coef", "group_std_eps"):
+        require(getattr(rl, name) >= 0, name, "must be >= 0")
+    for name in ("cliprange", "cliprange_value", "temperature"):
+        require(getattr(rl, name) > 0, name, "must be > 0")
+    require(rl.clip_reward_value is None or rl.clip_reward_value > 0, "clip_reward_value",
+            "must be > 0")
+    require(rl.dual_clip is None or rl.dual_clip > 1, "dual_clip", "must be None or > 1")
+    for name in ("gamma", "lam"):
+        require(0 <= getattr(rl, name) <= 1, name, "must be in [0, 1]")
+    for name in ("ppo_epochs", "train_batch_size"):
+        value = getattr(rl, name)
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                "must be an integer >= 1")
+    num = rl.num_samples
+    require(num is None or (isinstance(num, int) and not isinstance(num, bool) and num >= 1),
+            "num_samples", "must be None or an integer >= 1")
+
+
+def _validate_model_data(cfg: RunConfig) -> None:
+    m, d, ds = cfg.model, cfg.data, cfg.deepspeed
     _check_choice(m, "model", "dtype", DTYPES)
     _require(bool(m.name_or_path), "model.name_or_path", "must not be empty", m.name_or_path)
     _check_min(m, "model", {"lora_dim": 0, "lora_alpha": 0, "lora_dropout": 0, "max_seq_len": 1})
@@ -290,48 +333,59 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(bool(d.sources), "data.sources", "must name at least one source", d.sources)
     parse_data_split(d.data_split)
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)
-    _check_min(d, "data", {"max_prompt_len": 1, "max_answer_len": 1, "num_synthetic": 1})
-    ds = cfg.deepspeed
+    _check_min(d, "data", {"max_prompt_len": 1, "num_synthetic": 1})
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3",
              ds.zero_stage)
+    _require(not ds.offload or ds.zero_stage > 0, "deepspeed.offload",
+             "needs deepspeed.zero_stage 1, 2 or 3 (stage 0 keeps everything on the device)",
+             ds.offload)
+    _require(not ds.offload_reference_model or ds.zero_stage == 3,
+             "deepspeed.offload_reference_model",
+             "needs deepspeed.zero_stage 3 (the reference is partitioned only at stage 3)",
+             ds.offload_reference_model)
     _require(len(ds.adam_betas) == 2 and all(0 <= b < 1 for b in ds.adam_betas),
              "deepspeed.adam_betas", "must be two numbers in [0, 1)", ds.adam_betas)
     _check_min(ds, "deepspeed", {"gradient_clipping": 0})
+
+
+def _validate_steps(cfg: RunConfig) -> None:
     for name in ("sft", "rm"):
         step = getattr(cfg, name)
         _require(step.lr > 0, f"{name}.lr", "must be > 0", step.lr)
         _check_choice(step, name, "scheduler", SCHEDULERS)
         _check_min(step, name, {"weight_decay": 0, "epochs": 1, "per_device_batch_size": 1,
                                 "per_device_eval_batch_size": 1, "grad_accum": 1, "warmup": 0,
-                                "max_steps": -1, "eval_every": 0, "save_every": 0})
+                                "max_steps": -1, "eval_every": 0, "save_every": 0,
+                                "head_lr_scale": 0})
         _require(step.max_steps != 0, f"{name}.max_steps", "must be -1 or > 0", step.max_steps)
-    _check_choice(rl, "rl", "algorithm", ALGORITHMS)
+
+
+def _validate_rl(rl: RLConfig) -> None:
+    from .algorithms.registry import ALGORITHMS  # the registry imports this module's defaults
+    _check_choice(rl, "rl", "algorithm", tuple(ALGORITHMS))
     _check_choice(rl, "rl", "scheduler", SCHEDULERS)
-    _check_choice(rl, "rl", "kl_estimator", KL_ESTIMATORS)
-    _check_choice(rl, "rl", "loss_agg", LOSS_AGGS)
-    for name in ("actor_lr", "critic_lr", "clip_reward_value", "cliprange", "cliprange_value",
-                 "temperature"):
+    check_rl_hparams(rl)
+    ALGORITHMS[rl.algorithm].check_num_samples(rl.num_samples, "rl.num_samples")
+    for name in ("actor_lr", "critic_lr"):
         _require(getattr(rl, name) > 0, f"rl.{name}", "must be > 0", getattr(rl, name))
     _check_min(rl, "rl", {"actor_weight_decay": 0, "critic_weight_decay": 0, "warmup": 0,
-                          "kl_ctl": 0, "entropy_coef": 0, "ppo_epochs": 1, "grad_accum": 1,
-                          "generation_batch_size": 1, "train_batch_size": 1, "num_samples": 1,
-                          "top_k": 0, "ptx_coef": 0, "steps": -1, "epochs": 1,
-                          "eval_every": 0, "save_every": 0})
+                          "grad_accum": 1, "generation_batch_size": 1, "top_k": 0,
+                          "min_response_tokens": 0, "max_new_tokens": 1, "steps": -1, "epochs": 1, "eval_every": 0,
+                          "save_every": 0})
     _require(rl.steps != 0, "rl.steps", "must be -1 or > 0", rl.steps)
-    if rl.algorithm in ("grpo", "rloo"):
-        _require(rl.num_samples >= 2, "rl.num_samples",
-                 f"must be >= 2 for {rl.algorithm} (its baseline is the group)", rl.num_samples)
-    _require(rl.dual_clip is None or rl.dual_clip > 1, "rl.dual_clip", "must be None or > 1",
-             rl.dual_clip)
-    for name in ("gamma", "lam"):
-        _require(0 <= getattr(rl, name) <= 1, f"rl.{name}", "must be in [0, 1]", getattr(rl, name))
     _require(0 < rl.top_p <= 1, "rl.top_p", "must be in (0, 1]", rl.top_p)
     _require(0 < rl.ema_beta < 1, "rl.ema_beta", "must be in (0, 1)", rl.ema_beta)
-    _require(rl.max_new_tokens is None or rl.max_new_tokens >= 1, "rl.max_new_tokens",
-             "must be None or >= 1", rl.max_new_tokens)
     module, colon, function = rl.reward.partition(":")
     _require(not rl.reward or bool(colon and module and function), "rl.reward",
              'must be "" or "module:function"', rl.reward)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise ValueError naming the first field whose value is out of range; return `cfg`."""
+    _require(bool(cfg.output), "output", "must name a folder", cfg.output)
+    _validate_model_data(cfg)
+    _validate_steps(cfg)
+    _validate_rl(cfg.rl)
     _check_min(cfg.log, "log", {"log_every": 1})
     return cfg
 
@@ -368,8 +422,6 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: dict | No
     if overrides:
         _apply(cfg, _flatten(overrides, cls))
     if isinstance(cfg, RunConfig):
-        if cfg.rl.max_new_tokens is None:
-            cfg.rl.max_new_tokens = cfg.data.max_answer_len
         validate(cfg)
     return cfg
 

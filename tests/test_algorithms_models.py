@@ -148,7 +148,7 @@ def test_response_values_positions_and_errors():
 
 # ---------------------------------------------------------------------------- experience
 
-def test_experience_split_select_concat():
+def test_experience_split_select():
     g, prompt_mask = rollout(torch.Generator().manual_seed(3), batch=5)
     exp = Experience(g.sequences, full_mask(g, prompt_mask), g.response_mask.bool(), 5,
                      old_logprobs=g.logprobs, scores=torch.arange(5.0))
@@ -160,24 +160,6 @@ def test_experience_split_select_concat():
     with pytest.raises(ValueError, match=r"old_logprobs must have shape \(5, 6\)"):
         Experience(g.sequences, full_mask(g, prompt_mask), g.response_mask.bool(), 5,
                    old_logprobs=g.logprobs[:, :5])
-    # a shorter rollout joins with left padded prompts and right padded responses
-    g2, pm2 = rollout(torch.Generator().manual_seed(4), batch=4, prompt_len=3, n=4)
-    small = Experience(g2.sequences, full_mask(g2, pm2), g2.response_mask.bool(), 3,
-                       old_logprobs=g2.logprobs, scores=torch.zeros(4))
-    joined = Experience.concat([exp, small], pad_token_id=0)
-    assert joined.sequences.shape == (9, 11) and joined.prompt_len == 5
-    assert torch.equal(joined.responses[5:, :4], g2.sequences[:, 3:])
-    assert torch.equal(joined.sequences[5:, 2:5], g2.sequences[:, :3])
-    assert not joined.action_mask[5:, 4:].any() and not joined.attention_mask[5:, :2].any()
-    model = tiny_gpt2()
-    with torch.no_grad():
-        before = response_logprobs(model, small.sequences, small.attention_mask, 3)
-        after = response_logprobs(model, joined.sequences, joined.attention_mask, 5)[5:, :4]
-    valid = small.action_mask
-    torch.testing.assert_close(after[valid], before[valid], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="must hold the same fields"):
-        Experience.concat([exp, Experience(g2.sequences, full_mask(g2, pm2),
-                                           g2.response_mask.bool(), 3, old_logprobs=g2.logprobs)])
 
 
 def score_fn(sequences, attention_mask, action_mask):
@@ -210,7 +192,7 @@ def test_make_experience_errors():
     actor = tiny_llama()
     g, prompt_mask = rollout(torch.Generator().manual_seed(6))
     kwargs = dict(actor=actor, reference=actor, reward_fn=score_fn,
-                  algorithm=get_algorithm("grpo"), hp=RLHParams(group_size=2))
+                  algorithm=get_algorithm("grpo"), hp=RLHParams(num_samples=2))
     with pytest.raises(ValueError, match="algorithm 'ppo' needs a critic"):
         make_experience(g, prompt_mask, **{**kwargs, "algorithm": get_algorithm("ppo")})
     with pytest.raises(ValueError, match="needs a reference model"):
@@ -221,6 +203,6 @@ def test_make_experience_errors():
         make_experience(g, prompt_mask,
                         **{**kwargs, "reward_fn": lambda *a: [1.0, float("nan"), 0, 0]})
     with pytest.raises(ValueError, match="batch size 4 is not divisible by group_size 3"):
-        make_experience(g, prompt_mask, **{**kwargs, "hp": RLHParams(group_size=3)})
+        make_experience(g, prompt_mask, **{**kwargs, "hp": RLHParams(num_samples=3)})
     with pytest.raises(ValueError, match=r"must be \[B, P\+N\]"):
         make_experience(g, prompt_mask[:, 1:], **kwargs)

@@ -51,10 +51,12 @@ def test_actor_loss_matches_formula_and_gradient(agg):
     exp = Experience(g.sequences, mask, g.response_mask.bool(), 5, old_logprobs=logp + offsets,
                      ref_logprobs=logp + 0.3 * torch.randn(logp.shape, generator=gen),
                      advantages=torch.randn(logp.shape, generator=gen))
-    opts = dict(kl_coef=0.05, entropy_coef=0.01, temperature=0.8, agg=agg)
-    loss, stats = actor_loss(model, exp, cliprange=0.2, kl_estimator="k3", **opts)
+    hp = RLHParams(kl_ctl=0.05, entropy_coef=0.01, temperature=0.8, loss_agg=agg, cliprange=0.2)
+    # grpo: the KL is a loss term, k3 by default
+    loss, stats = actor_loss(model, exp, hp, get_algorithm("grpo"))
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    want, want_clipfrac = reference_actor_loss(model, exp, clip=0.2, **opts)
+    want, want_clipfrac = reference_actor_loss(model, exp, clip=0.2, kl_coef=0.05,
+                                               entropy_coef=0.01, temperature=0.8, agg=agg)
     want_grads = torch.autograd.grad(want, list(model.parameters()))
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     assert 0 < float(want_clipfrac) < 1
@@ -69,11 +71,12 @@ def test_actor_loss_errors():
     g, prompt_mask = rollout(torch.Generator().manual_seed(8))
     exp = Experience(g.sequences, full_mask(g, prompt_mask), g.response_mask.bool(), 5,
                      old_logprobs=g.logprobs)
+    grpo = get_algorithm("grpo")
     with pytest.raises(ValueError, match="has no advantages"):
-        actor_loss(tiny_llama(), exp)
+        actor_loss(tiny_llama(), exp, RLHParams(), grpo)
     exp.advantages = torch.zeros_like(g.logprobs)
     with pytest.raises(ValueError, match="kl_coef != 0 needs ref_logprobs"):
-        actor_loss(tiny_llama(), exp, kl_coef=0.1)
+        actor_loss(tiny_llama(), exp, RLHParams(kl_ctl=0.1), grpo)
 
 
 def test_critic_loss_matches_formula_and_trains_the_critic():
@@ -87,7 +90,7 @@ def test_critic_loss_matches_formula_and_trains_the_critic():
     returns = torch.randn(values.shape, generator=gen)
     exp = Experience(g.sequences, mask, g.response_mask.bool(), 5, old_logprobs=g.logprobs,
                      values=old, returns=returns)
-    loss, stats = critic_loss(critic, exp, cliprange_value=0.2)
+    loss, stats = critic_loss(critic, exp, RLHParams(cliprange_value=0.2))
     v = critic(g.sequences, mask)[:, 4:-1]
     v_clipped = old + (v - old).clamp(-0.2, 0.2)
     per_token = 0.5 * torch.maximum((v - returns) ** 2, (v_clipped - returns) ** 2)
@@ -100,7 +103,7 @@ def test_critic_loss_matches_formula_and_trains_the_critic():
     assert 0 < float(stats["critic_clipfrac"]) < 1
     exp.returns = None
     with pytest.raises(ValueError, match="needs experience.values and experience.returns"):
-        critic_loss(critic, exp)
+        critic_loss(critic, exp, RLHParams())
 
 
 def test_ptx_loss_is_cross_entropy():
@@ -151,7 +154,7 @@ def engines(actor, critic, lr=1e-2):
 def test_ppo_train_step_updates_actor_and_critic():
     actor, critic = tiny_llama(0), TinyCritic()
     g, prompt_mask = rollout(torch.Generator().manual_seed(11))
-    hp = RLHParams(micro_batch_size=2, ppo_epochs=2)
+    hp = RLHParams(train_batch_size=2, ppo_epochs=2)
     algo = get_algorithm("ppo")
     exp = make_experience(g, prompt_mask, actor=actor, reference=tiny_llama(0), critic=critic,
                           reward_fn=score_fn, algorithm=algo, hp=hp)
@@ -162,8 +165,9 @@ def test_ppo_train_step_updates_actor_and_critic():
     after = [*actor.parameters(), *critic.parameters()]
     changed = [not torch.equal(b, a) for b, a in zip(before, after, strict=True)]
     assert all(changed[:len(list(actor.parameters()))]) and all(changed[-2:])
-    assert {"actor_loss", "critic_loss", "clipfrac", "approx_kl", "entropy", "kl",
+    assert {"actor_loss", "critic_loss", "clipfrac", "approx_kl", "entropy",
             "ptx_loss"} <= set(stats)
+    assert "kl" not in stats  # ppo's KL shapes the reward: the loss has no KL term
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
 
 
@@ -171,7 +175,7 @@ def test_ppo_train_step_updates_actor_and_critic():
 def test_repeated_updates_raise_likelihood_of_positive_advantage_tokens(name):
     actor = tiny_llama(0)
     g, prompt_mask = rollout(torch.Generator().manual_seed(12))
-    hp = RLHParams(micro_batch_size=4, group_size=2, kl_ctl=0.0)
+    hp = RLHParams(train_batch_size=4, num_samples=2, kl_ctl=0.0)
     algo = get_algorithm(name)
     exp = make_experience(g, prompt_mask, actor=actor, reference=None,
                           reward_fn=lambda *a: torch.tensor([1.0, -1.0, -1.0, 1.0]),

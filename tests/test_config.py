@@ -26,7 +26,7 @@ def test_step3_defaults_follow_the_architecture():
     assert (rl.cliprange, rl.cliprange_value) == (0.2, 0.2)
     assert (rl.gamma, rl.lam, rl.actor_lr, rl.critic_lr) == (1.0, 0.95, 9.65e-6, 5e-6)
     assert (rl.enable_ema, rl.ema_beta, rl.ptx, rl.ptx_coef) == (False, 0.992, False, 27.8)
-    assert rl.max_new_tokens == cfg.data.max_answer_len == 256
+    assert rl.max_new_tokens == 256
     assert cfg.data.data_split == "2,4,4" and cfg.seed == 1234
     assert cfg.rm.lr == 5e-5 and cfg.sft.lr == 9.65e-6  # step 2 and step 1 differ
     assert cfg.deepspeed.zero_stage == 0 and cfg.model.lora_dim == 0
@@ -88,9 +88,8 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
 
 
 def test_overrides_nested_and_dotted():
-    cfg = load_config(overrides={"rl": {"top_k": "5"}, "data.max_answer_len": 64})
-    assert cfg.rl.top_k == 5 and cfg.data.max_answer_len == 64
-    assert cfg.rl.max_new_tokens == 64  # follows max_answer_len unless set
+    cfg = load_config(overrides={"rl": {"top_k": "5"}, "rl.max_new_tokens": 64})
+    assert cfg.rl.top_k == 5 and cfg.rl.max_new_tokens == 64
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -144,7 +143,7 @@ def test_type_errors_name_the_field(overrides, match):
     ("rl.top_p", 0.0, r"'rl.top_p' must be in \(0, 1\]"),
     ("rl.temperature", 0.0, r"'rl.temperature' must be > 0"),
     ("rl.ema_beta", 1.0, r"'rl.ema_beta'"),
-    ("rl.kl_estimator", "k4", r"'rl.kl_estimator' must be one of k1, k2, k3"),
+    ("rl.kl_estimator", "k4", r"'rl.kl_estimator' must be one of auto, k1, k2, k3"),
     ("rl.loss_agg", "sum", r"'rl.loss_agg' must be one of token-mean"),
     ("rl.reward", "mymodule:", r"'rl.reward' must be \"\" or \"module:function\""),
     ("rl.dual_clip", 0.5, r"'rl.dual_clip' must be None or > 1"),
@@ -152,6 +151,9 @@ def test_type_errors_name_the_field(overrides, match):
     ("model.lora_dropout", 1.0, r"'model.lora_dropout' must be < 1"),
     ("deepspeed.adam_betas", [0.9], r"'deepspeed.adam_betas' must be two numbers"),
     ("log.log_every", 0, r"'log.log_every' must be >= 1"),
+    ("deepspeed.offload", True, r"'deepspeed.offload' needs deepspeed.zero_stage 1, 2 or 3"),
+    ("rl.min_response_tokens", -1, r"'rl.min_response_tokens' must be >= 0"),
+    ("rl.group_std_eps", -1e-4, r"'rl.group_std_eps' must be >= 0"),
     ("output", "", r"'output' must name a folder"),
 ])
 def test_bad_values(key, value, match):
@@ -174,7 +176,8 @@ def test_bad_yaml_top_level(tmp_path):
 def test_save_load_round_trip(tmp_path):
     cfg = load_config(overrides={"rl.algorithm": "rloo", "rl.dual_clip": 2.5, "seed": 3,
                                  "data.sources": ["synthetic", "x.jsonl"], "rm.model_path": "m",
-                                 "deepspeed.offload": True, "model.lora_dim": 8})
+                                 "deepspeed.offload": True, "deepspeed.zero_stage": 2,
+                                 "model.lora_dim": 8})
     path = tmp_path / "saved.yaml"
     save_config(cfg, path)
     again = load_config(path)
@@ -192,3 +195,94 @@ def test_help_lists_flags_with_their_section_defaults():
     text = add_config_arguments(argparse.ArgumentParser()).format_help()
     assert "--rl.kl_ctl" in text and "--config" in text
     assert "(default 5e-05)" in text and "(default 9.65e-06)" in text
+
+
+# ---------------------------------------------------------------------------- coverage
+
+def _sections():
+    """(section name, dataclass) of every config section, the top level as ""."""
+    import dataclasses
+    out = [("", RunConfig)]
+    for f in dataclasses.fields(RunConfig):
+        if dataclasses.is_dataclass(getattr(RunConfig(), f.name)):
+            out.append((f.name, type(getattr(RunConfig(), f.name))))
+    return out
+
+
+def _names_read_outside_config():
+    """Every attribute read and every string constant in rlhf/ except config.py: a field is
+    read as `section.field` or by name (getattr, RLHParams' field-by-field copy)."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "rlhf"
+    names = set()
+    for path in root.rglob("*.py"):
+        if path.name == "config.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                names.add(node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.add(node.value)
+    return names
+
+
+def test_every_config_field_is_read_by_the_code():
+    import dataclasses
+    read = _names_read_outside_config()
+    unread = [f"{section + '.' if section else ''}{f.name}" for section, cls in _sections()
+              for f in dataclasses.fields(cls)
+              if not dataclasses.is_dataclass(f.type) and f.name not in read
+              and f.name not in {"model", "data", "deepspeed", "sft", "rm", "rl", "log"}]
+    assert unread == []
+
+
+# sections that share a field name but differ on purpose, each with its reason
+DELIBERATE_DIFFERENCES = {
+    "lr": "DeepSpeed-Chat's step 1 (9.65e-6), step 2 (5e-5) and step 3 (actor_lr) rates",
+    "warmup": "DeepSpeed-Chat warms up 100 steps in step 3 only",
+}
+
+
+def test_no_two_sections_define_the_same_default_differently():
+    import dataclasses
+    defaults = {}
+    for section, _ in _sections()[1:]:
+        for f in dataclasses.fields(getattr(RunConfig(), section)):
+            defaults.setdefault(f.name, {})[section] = getattr(getattr(RunConfig(), section),
+                                                               f.name)
+    clashes = {name: by_section for name, by_section in defaults.items()
+               if len({repr(v) for v in by_section.values()}) > 1
+               and name not in DELIBERATE_DIFFERENCES}
+    assert clashes == {}
+
+
+def test_the_algorithm_and_engine_defaults_are_the_config_defaults():
+    import dataclasses
+    import inspect
+
+    from rlhf.algorithms import RLHParams
+    from rlhf.engine import make_ds_config
+    rl = RunConfig().rl
+    for f in dataclasses.fields(RLHParams):
+        assert f.default == getattr(rl, f.name), f.name
+    ds, params = RunConfig().deepspeed, inspect.signature(make_ds_config).parameters
+    for kwarg, field in (("stage", "zero_stage"), ("offload", "offload"),
+                         ("torch_adam", "torch_adam"), ("gradient_clipping", "gradient_clipping"),
+                         ("betas", "adam_betas")):
+        assert list(params[kwarg].default) == getattr(ds, field) if kwarg == "betas" \
+            else params[kwarg].default == getattr(ds, field), kwarg
+
+
+def test_kl_estimator_and_num_samples_are_per_algorithm():
+    from rlhf.algorithms import RLHParams, get_algorithm
+    cfg = load_config()
+    assert cfg.rl.kl_estimator == "auto" and cfg.rl.num_samples is None
+    hp = RLHParams.from_config(cfg.rl)
+    chosen = {name: (get_algorithm(name).kl_estimator(hp),
+                     get_algorithm(name).samples_per_prompt(hp))
+              for name in ("ppo", "grpo", "rloo", "reinforce")}
+    assert chosen == {"ppo": ("k1", 1), "grpo": ("k3", 4), "rloo": ("k1", 4),
+                      "reinforce": ("k1", 1)}
+    with pytest.raises(ValueError, match="'rl.num_samples' must be >= 2 for grpo"):
+        load_config(overrides={"rl.algorithm": "grpo", "rl.num_samples": 1})

@@ -6,9 +6,10 @@ the critic's values, the rewards, advantages and returns.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -59,7 +60,12 @@ class Experience:
                 yield f.name, value
 
     def _map(self, fn) -> Experience:
-        return dataclasses.replace(self, **{name: fn(t) for name, t in self._tensors()})
+        """The same experience with `fn` applied to every tensor (row selection, device moves):
+        shapes were checked when it was made, so the copy is not checked again."""
+        out = copy.copy(self)
+        for name, t in self._tensors():
+            setattr(out, name, fn(t))
+        return out
 
     @property
     def batch_size(self) -> int:
@@ -92,43 +98,6 @@ class Experience:
         return [self.select(order[i:i + micro_batch_size])
                 for i in range(0, self.batch_size, micro_batch_size)]
 
-    @staticmethod
-    def concat(experiences: Sequence[Experience], pad_token_id: int = 0) -> Experience:
-        """Rows of several experiences in one; shorter prompts are left padded and shorter
-        responses right padded (masks 0, per-token values 0, tokens pad_token_id)."""
-        if not experiences:
-            raise ValueError("concat needs at least one Experience")
-        prompt_len = max(e.prompt_len for e in experiences)
-        n = max(e.responses.shape[1] for e in experiences)
-        present = [{name for name, _ in e._tensors()} for e in experiences]
-        if any(p != present[0] for p in present):
-            raise ValueError(f"experiences to concat must hold the same fields, got "
-                             f"{[sorted(p) for p in present]}")
-        padded = [_pad(e, prompt_len, n, pad_token_id) for e in experiences]
-        fields = {name: torch.cat([getattr(e, name) for e in padded]) for name in present[0]}
-        return Experience(prompt_len=prompt_len, **fields)
-
-
-def _pad(exp: Experience, prompt_len: int, n: int, pad_token_id: int) -> Experience:
-    left, right = prompt_len - exp.prompt_len, n - exp.responses.shape[1]
-
-    def pad(t, before, after, value):
-        parts = [t.new_full((t.shape[0], before), value), t, t.new_full((t.shape[0], after),
-                                                                          value)]
-        return torch.cat(parts, dim=1)
-
-    def pad_field(name, t):
-        if name == "scores":
-            return t
-        if name == "sequences":
-            return pad(t, left, right, pad_token_id)
-        if name == "attention_mask":
-            return pad(t, left, right, 0)
-        return pad(t, 0, right, 0)
-
-    fields = {name: pad_field(name, t) for name, t in exp._tensors()}
-    return dataclasses.replace(exp, prompt_len=prompt_len, **fields)
-
 
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature=1.0,
                       return_entropy=False):
@@ -138,6 +107,17 @@ def response_logprobs(model, sequences, attention_mask, prompt_len: int, tempera
     logits = response_logits(model, sequences, attention_mask, prompt_len)
     return rlhf_kernels.logprobs(logits, sequences[:, prompt_len:], temperature=temperature,
                                  return_entropy=return_entropy)
+
+
+def rollouts_to_keep(response_mask: torch.Tensor, min_tokens: int, group_size: int = 1
+                     ) -> torch.Tensor:
+    """Row indices of the rollouts with at least `min_tokens` response tokens (EOS included);
+    with group_size > 1, consecutive rows form a group and a group is kept only whole (its
+    baseline needs every sample). DeepSpeed-Chat's rule is min_tokens = 2."""
+    long_enough = (response_mask != 0).sum(dim=1) >= min_tokens
+    if group_size > 1:
+        long_enough = long_enough.view(-1, group_size).all(dim=1).repeat_interleave(group_size)
+    return long_enough.nonzero().squeeze(1)
 
 
 def _checked_scores(scores, batch: int, device) -> torch.Tensor:

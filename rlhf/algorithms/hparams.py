@@ -1,78 +1,71 @@
-"""Hyperparameters of the RL step (rollout -> advantages -> updates), DeepSpeed-Chat defaults."""
+"""Hyperparameters of the RL step (rollout -> advantages -> updates).
+
+One name per concept from the CLI flag to the loss: every field here is the field of the same
+name of the config's `rl` section (`--rl.<name>`), with the same default, so the trainer builds
+it with `RLHParams.from_config(cfg.rl)` and a library user with `RLHParams(kl_ctl=0.05, ...)`.
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
-# names used by other configuration objects for the same knobs
-_ALIASES = {"num_samples": "group_size", "loss_agg": "agg"}
+from ..config import RLConfig, check_rl_hparams
+
+_RL_FIELDS = {f.name: f for f in dataclasses.fields(RLConfig)}
+
+
+def _same_as_config(name: str):
+    """The default (and help) of `rl.<name>`: the two can never disagree."""
+    config_field = _RL_FIELDS[name]
+    return dataclasses.field(default=config_field.default, metadata=config_field.metadata)
 
 
 @dataclass
 class RLHParams:
-    """What the algorithms read. One KL coefficient, `kl_ctl`, serves every algorithm: the
-    algorithm decides whether it shapes the reward (ppo, rloo, reinforce: k1 per token) or
-    enters the actor loss (grpo: `kl_estimator`, k3 by default).
+    """What the algorithms read; see `--help` (or rlhf.config.RLConfig) for each field.
 
-    Attributes:
-        kl_ctl: KL coefficient (DeepSpeed-Chat 0.1).
-        clip_reward_value: the score is clipped to +-this before shaping (None: no clip).
-        gamma, lam: discount and GAE lambda.
-        whiten_advantages: whiten PPO's GAE advantages over the batch (DeepSpeed-Chat: no).
-        group_size: samples per prompt for grpo / rloo (consecutive rows).
-        scale_by_std: grpo divides by the group's std (False: Dr. GRPO).
-        group_std_eps: added to the group std before dividing.
-        cliprange, cliprange_value: PPO ratio clip and value clip.
-        kl_estimator: estimator of the KL term in the loss ("k1", "k2", "k3").
-        entropy_coef: entropy bonus in the actor loss.
-        temperature: sampling temperature; log-probs are recomputed at it.
-        agg: actor loss aggregation (see rlhf_kernels.ppo_actor_loss).
-        ppo_epochs: passes over one experience batch.
-        micro_batch_size: rows per update.
-        ptx_coef: weight of the pretraining loss when ptx batches are mixed in.
+    Where the KL to the reference goes is the algorithm's choice (ppo, rloo, reinforce: the
+    per-token reward; grpo: the actor loss), with `kl_ctl` as its coefficient either way and
+    `kl_estimator` ("auto": the algorithm's default) as its estimator. `num_samples` None means
+    the algorithm's default (Algorithm.samples_per_prompt).
     """
-    kl_ctl: float = 0.1
-    clip_reward_value: float | None = 5.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = False
-    group_size: int = 4
-    scale_by_std: bool = True
-    group_std_eps: float = 1e-4
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    temperature: float = 1.0
-    agg: str = "token-mean"
-    ppo_epochs: int = 1
-    micro_batch_size: int = 16
-    ptx_coef: float = 27.8
+    kl_ctl: float = _same_as_config("kl_ctl")
+    kl_estimator: str = _same_as_config("kl_estimator")
+    clip_reward_value: Optional[float] = _same_as_config("clip_reward_value")
+    gamma: float = _same_as_config("gamma")
+    lam: float = _same_as_config("lam")
+    whiten_advantages: bool = _same_as_config("whiten_advantages")
+    num_samples: Optional[int] = _same_as_config("num_samples")
+    scale_by_std: bool = _same_as_config("scale_by_std")
+    group_std_eps: float = _same_as_config("group_std_eps")
+    cliprange: float = _same_as_config("cliprange")
+    cliprange_value: float = _same_as_config("cliprange_value")
+    dual_clip: Optional[float] = _same_as_config("dual_clip")
+    entropy_coef: float = _same_as_config("entropy_coef")
+    temperature: float = _same_as_config("temperature")
+    loss_agg: str = _same_as_config("loss_agg")
+    ppo_epochs: int = _same_as_config("ppo_epochs")
+    train_batch_size: int = _same_as_config("train_batch_size")
+    ptx_coef: float = _same_as_config("ptx_coef")
 
     def __post_init__(self):
-        for name in ("group_size", "ppo_epochs", "micro_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not self.kl_ctl >= 0:
-            raise ValueError(f"kl_ctl must be >= 0, got {self.kl_ctl}")
-        if self.clip_reward_value is not None and not self.clip_reward_value > 0:
-            raise ValueError(f"clip_reward_value must be > 0 (or None), got "
-                             f"{self.clip_reward_value}")
+        check_rl_hparams(self, prefix="")
 
     @classmethod
-    def from_config(cls, config, **overrides) -> RLHParams:
-        """Take every field found on `config` (any object, e.g. the trainer's RL section;
-        `num_samples` and `loss_agg` are understood as `group_size` and `agg`), then
-        `overrides`."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {}
-        for attr in dir(config):
-            name = _ALIASES.get(attr, attr)
-            if name in names and not attr.startswith("_"):
-                values[name] = getattr(config, attr)
-        unknown = set(overrides) - names
+    def from_config(cls, rl, **overrides) -> RLHParams:
+        """Each field from the attribute of the same name of `rl` (the config's rl section, or
+        any object with those attributes), then `overrides`.
+
+        Raises:
+            ValueError: `rl` lacks a field, or an override names no field.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise ValueError(f"unknown hyperparameters {sorted(unknown)}; valid: {sorted(names)}")
-        values.update(overrides)
-        return cls(**values)
+            raise ValueError(f"unknown hyperparameters {unknown}; valid: {names}")
+        missing = [n for n in names if n not in overrides and not hasattr(rl, n)]
+        if missing:
+            raise ValueError(f"{type(rl).__name__} has no field {missing[0]!r}: RLHParams takes "
+                             f"{names} from the rl section")
+        return cls(**{n: overrides[n] if n in overrides else getattr(rl, n) for n in names})

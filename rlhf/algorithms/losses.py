@@ -20,24 +20,29 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def actor_loss(model, mb, *, cliprange=0.2, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-               temperature=1.0, agg="token-mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss of an Experience minibatch (with advantages).
+def actor_loss(model, mb, hp, algorithm) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss of an Experience minibatch (with advantages), as `algorithm`
+    defines it with the hyper-parameters `hp` (RLHParams): ratio clip hp.cliprange, dual clip
+    hp.dual_clip, entropy bonus, aggregation hp.loss_agg, and the KL to the reference as a loss
+    term when the algorithm puts it there (coefficient algorithm.loss_kl_coef(hp)).
 
-    The KL to the reference enters the loss with kl_coef (0 for algorithms that put it in the
-    reward); it is reported as `kl` whenever ref_logprobs are present.
+    The reference log-probs enter the loss only when that coefficient is non-zero: a zero
+    coefficient times an overflowing k3 estimate would be NaN.
 
     Returns:
         (loss, stats): a differentiable scalar and detached scalars actor_loss, clipfrac,
-        approx_kl, entropy, ratio (token means) and kl (when ref_logprobs are present).
+        approx_kl, entropy, ratio (token means) and kl (when the loss has a KL term).
     """
     if mb.advantages is None:
         raise ValueError("the experience has no advantages: run algorithm.advantages first")
+    kl_coef = algorithm.loss_kl_coef(hp)
     logits = response_logits(model, mb.sequences, mb.attention_mask, mb.prompt_len)
     out = rlhf_kernels.ppo_actor_loss(
         logits, mb.responses, mb.old_logprobs, mb.advantages, mb.action_mask,
-        clip_low=cliprange, clip_high=cliprange, ref_logprobs=mb.ref_logprobs, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, temperature=temperature, agg=agg)
+        clip_low=hp.cliprange, clip_high=hp.cliprange, dual_clip=hp.dual_clip,
+        ref_logprobs=mb.ref_logprobs if kl_coef != 0 else None, kl_coef=kl_coef,
+        kl_estimator=algorithm.kl_estimator(hp), entropy_coef=hp.entropy_coef,
+        temperature=hp.temperature, agg=hp.loss_agg)
     mask = mb.action_mask != 0
     stats = {"actor_loss": out.loss.detach(), "clipfrac": out.clipfrac,
              "approx_kl": out.approx_kl, "entropy": _masked_mean(out.entropy, mask),
@@ -47,16 +52,16 @@ def actor_loss(model, mb, *, cliprange=0.2, kl_coef=0.0, kl_estimator="k3", entr
     return out.loss, stats
 
 
-def critic_loss(critic, mb, cliprange_value=0.2, agg="token-mean"
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss of an Experience minibatch (with values and returns).
+def critic_loss(critic, mb, hp) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (clip hp.cliprange_value, token mean) of an Experience minibatch
+    with values and returns.
 
     Returns (loss, stats) with stats critic_loss, critic_clipfrac, values (token mean)."""
     if mb.values is None or mb.returns is None:
         raise ValueError("the critic loss needs experience.values and experience.returns")
     values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
     out = rlhf_kernels.ppo_critic_loss(values, mb.values, mb.returns, mb.action_mask,
-                                       clip=cliprange_value, agg=agg)
+                                       clip=hp.cliprange_value)
     mask = mb.action_mask != 0
     return out.loss, {"critic_loss": out.loss.detach(), "critic_clipfrac": out.clipfrac,
                       "values": _masked_mean(values.detach(), mask)}

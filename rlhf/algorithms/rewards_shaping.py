@@ -1,12 +1,16 @@
-"""Per-token rewards from sequence scores, with DeepSpeed-Chat's KL shaping.
+"""Per-token rewards from sequence scores, with KL shaping as in DeepSpeed-Chat.
 
-DeepSpeed-Chat (step 3, compute_rewards): every response token gets
--kl_ctl * (logp_old - logp_ref) (the k1 estimate of the KL to the reference), and the last real
-response token also gets the reward model's score clipped to +-clip_reward_value.
+Every response token gets -kl_ctl * KL estimate(logp_old, logp_ref) (k1 = logp_old - logp_ref by
+default, DeepSpeed-Chat's), and the last real response token (EOS included) also gets the score
+clipped to +-clip_reward_value. DeepSpeed-Chat adds the score one slot later, at the first
+position after the non-pad response tokens; README "Differences from DeepSpeed-Chat" says why
+this project does not.
 """
 from __future__ import annotations
 
 import torch
+
+from rlhf_kernels.reference.ppo_loss import kl_penalty
 
 
 def _check(name, x, shape):
@@ -38,8 +42,8 @@ def score_at_last_token(scores: torch.Tensor, action_mask: torch.Tensor) -> torc
 
 
 def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, action_mask, *, kl_ctl=0.1,
-                      clip_reward_value=5.0) -> torch.Tensor:
-    """DeepSpeed-Chat's per-token rewards [B, N] float32, 0 where action_mask is 0.
+                      clip_reward_value=5.0, kl_estimator="k1") -> torch.Tensor:
+    """KL-shaped per-token rewards [B, N] float32, 0 where action_mask is 0.
 
     Args:
         scores: [B] sequence scores (reward model or reward function).
@@ -49,23 +53,20 @@ def kl_shaped_rewards(scores, old_logprobs, ref_logprobs, action_mask, *, kl_ctl
         action_mask: [B, N], 1 on response tokens up to and including EOS.
         kl_ctl: KL coefficient.
         clip_reward_value: scores are clamped to +-this first (None: not clipped).
+        kl_estimator: "k1" (DeepSpeed-Chat), "k2" or "k3" per-token KL estimate.
     """
     if action_mask.dim() != 2:
         raise ValueError(f"action_mask must be [B, N], got shape {tuple(action_mask.shape)}")
     mask = action_mask != 0
     _check("old_logprobs", old_logprobs, mask.shape)
-    if not kl_ctl >= 0:
-        raise ValueError(f"kl_ctl must be >= 0, got {kl_ctl}")
     if clip_reward_value is not None:
-        if not clip_reward_value > 0:
-            raise ValueError(f"clip_reward_value must be > 0 (or None), got {clip_reward_value}")
         scores = scores.clamp(-clip_reward_value, clip_reward_value)
     rewards = score_at_last_token(scores, mask)
-    if ref_logprobs is None:
-        if kl_ctl != 0:
-            raise ValueError(f"kl_ctl = {kl_ctl} needs ref_logprobs (the reference model's "
-                             "log-probs); pass kl_ctl=0 to train without the KL penalty")
+    if ref_logprobs is None and kl_ctl != 0:
+        raise ValueError(f"kl_ctl = {kl_ctl} needs ref_logprobs (the reference model's "
+                         "log-probs); pass kl_ctl=0 to train without the KL penalty")
+    if kl_ctl == 0:  # no reference term at all: 0 * an overflowing estimate would be NaN
         return rewards
     _check("ref_logprobs", ref_logprobs, mask.shape)
-    kl = old_logprobs.float() - ref_logprobs.float()
+    kl = kl_penalty(old_logprobs.float(), ref_logprobs.float(), kl_estimator)
     return rewards + torch.where(mask, -kl_ctl * kl, 0.0)

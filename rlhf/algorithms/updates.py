@@ -64,17 +64,35 @@ class TorchEngine:
         return self.train(False)
 
 
+def _actor_update(actor_engine, mb, algorithm, hp, ptx_batch) -> dict[str, torch.Tensor]:
+    loss, stats = actor_loss(actor_engine, mb, hp, algorithm)
+    if ptx_batch is not None:
+        ptx = ptx_loss(actor_engine, ptx_batch)
+        loss = loss + hp.ptx_coef * ptx
+        stats["ptx_loss"] = ptx.detach()
+    actor_engine.backward(loss)
+    actor_engine.step()
+    return stats
+
+
+def _critic_update(critic_engine, mb, hp) -> dict[str, torch.Tensor]:
+    loss, stats = critic_loss(critic_engine, mb, hp)
+    critic_engine.backward(loss)
+    critic_engine.step()
+    return stats
+
+
 def train_step(actor_engine, critic_engine, experience: Experience, algorithm, hp, *,
                ptx_batches: Optional[Sequence] = None,
                generator: Optional[torch.Generator] = None) -> dict[str, float]:
-    """hp.ppo_epochs passes over the experience in minibatches of hp.micro_batch_size rows;
+    """hp.ppo_epochs passes over the experience in minibatches of hp.train_batch_size rows;
     each minibatch updates the actor, then the critic when the algorithm has one.
 
     Args:
         actor_engine, critic_engine: engines (critic_engine unused and may be None when
             algorithm.needs_critic is False).
         experience: with advantages (and values, returns for a critic).
-        algorithm: an entry of ALGORITHMS (decides the loss's KL coefficient).
+        algorithm: an entry of ALGORITHMS (decides the loss's KL term).
         hp: RLHParams.
         ptx_batches: pretraining batches cycled one per minibatch; their loss, times
             hp.ptx_coef, is added to the actor loss (one backward and one optimizer step, where
@@ -90,26 +108,14 @@ def train_step(actor_engine, critic_engine, experience: Experience, algorithm, h
     if experience.advantages is None:
         raise ValueError("the experience has no advantages: run make_experience (or "
                          "algorithm.advantages) first")
-    kl_coef = algorithm.loss_kl_coef(hp)
     totals: dict[str, torch.Tensor] = defaultdict(float)
     updates = 0
     for _ in range(hp.ppo_epochs):
-        for mb in experience.split(hp.micro_batch_size, generator):
-            loss, stats = actor_loss(
-                actor_engine, mb, cliprange=hp.cliprange, kl_coef=kl_coef,
-                kl_estimator=hp.kl_estimator, entropy_coef=hp.entropy_coef,
-                temperature=hp.temperature, agg=hp.agg)
-            if ptx_batches:
-                ptx = ptx_loss(actor_engine, ptx_batches[updates % len(ptx_batches)])
-                loss = loss + hp.ptx_coef * ptx
-                stats["ptx_loss"] = ptx.detach()
-            actor_engine.backward(loss)
-            actor_engine.step()
+        for mb in experience.split(hp.train_batch_size, generator):
+            ptx = ptx_batches[updates % len(ptx_batches)] if ptx_batches else None
+            stats = _actor_update(actor_engine, mb, algorithm, hp, ptx)
             if algorithm.needs_critic:
-                closs, cstats = critic_loss(critic_engine, mb, cliprange_value=hp.cliprange_value)
-                critic_engine.backward(closs)
-                critic_engine.step()
-                stats.update(cstats)
+                stats.update(_critic_update(critic_engine, mb, hp))
             for name, value in stats.items():
                 totals[name] = totals[name] + value
             updates += 1

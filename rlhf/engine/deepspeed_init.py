@@ -17,11 +17,10 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
+from ..config import ADAM_BETAS, DTYPES, SCHEDULERS
+
 logger = logging.getLogger(__name__)
 
-DTYPES = ("fp32", "bf16", "fp16")
-SCHEDULERS = ("cosine", "linear", "constant")
-ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
 # ZeRO-3 knobs of DeepSpeed-Chat: small parameters stay resident, bounded prefetch / live sizes
 ZERO3_SETTINGS = {
@@ -88,7 +87,8 @@ def make_ds_config(*, stage: int = 0, offload: bool = False, dtype: str = "fp32"
                    grad_accum: int = 1, train_batch_size: int | None = None, lr: float = 1e-5,
                    weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
                    scheduler: str = "cosine", torch_adam: bool = False, gradient_clipping: float = 1.0,
-                   inference: bool = False, steps_per_print: int = 100) -> dict[str, Any]:
+                   betas: Iterable[float] = ADAM_BETAS, inference: bool = False,
+                   steps_per_print: int = 100) -> dict[str, Any]:
     """A DeepSpeed config dict for a trained model, or (`inference=True`) for a frozen one.
 
     Args:
@@ -99,7 +99,7 @@ def make_ds_config(*, stage: int = 0, offload: bool = False, dtype: str = "fp32"
         grad_accum: micro batches per optimizer step.
         train_batch_size: optional global batch; DeepSpeed checks it equals
             micro_batch * grad_accum * world size.
-        lr, weight_decay: AdamW settings (betas (0.9, 0.95), eps 1e-8).
+        lr, weight_decay, betas: AdamW settings (eps 1e-8).
         warmup_steps, total_steps, scheduler: learning-rate schedule (see `lr_factor`):
             "cosine" | "linear" (warmup then decay to 0 at total_steps) or "constant". Kept under
             the config's "lr_schedule" key, which `init_train_engine` turns into the scheduler.
@@ -130,7 +130,7 @@ def make_ds_config(*, stage: int = 0, offload: bool = False, dtype: str = "fp32"
     config["gradient_clipping"] = gradient_clipping
     config["prescale_gradients"] = False
     config["optimizer"] = {"type": "AdamW", "params": {
-        "lr": lr, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": weight_decay,
+        "lr": lr, "betas": [float(b) for b in betas], "eps": ADAM_EPS, "weight_decay": weight_decay,
         "torch_adam": bool(torch_adam)}}
     config[LR_SCHEDULE_KEY] = _schedule_section(scheduler, warmup_steps, total_steps)
     return config

@@ -17,14 +17,14 @@ from ..engine.hybrid import HybridEngine
 from ..models import ValueModel, load_causal_lm, load_tokenizer
 from ..rewards import load_reward_fn
 from .reward import pair_accuracy
-from .rl import Scorer, evaluate_policy
-from .setup import DTYPES, step_dir
+from .scoring import Scorer, evaluate_policy
+from .setup import TORCH_DTYPES, step_dir
 from .sft import perplexity
 
 
 def evaluate_all(cfg) -> dict:
     init_distributed()
-    dtype, results = DTYPES[cfg.model.dtype], {}
+    dtype, results = TORCH_DTYPES[cfg.model.dtype], {}
     sft_dir, rm_dir = step_dir(cfg, "sft"), step_dir(cfg, "rm")
     actor_dir = Path(cfg.output) / "rl" / "actor"
     device = torch.device("cpu")

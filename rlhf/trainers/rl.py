@@ -2,221 +2,310 @@
 
     for each iteration:
         rollout     prompts -> hybrid engine -> responses + behaviour log-probs
+        filter      rollouts shorter than rl.min_response_tokens are dropped (DeepSpeed-Chat)
         experience  reference log-probs, critic values, scores -> rewards -> advantages
         update      ppo_epochs x minibatches: actor (and critic) losses on rlhf_kernels
+        log, save
     eval:  mean reward and KL to the reference on held-out prompts (fixed sampling seed)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-from ..algorithms import (RLHParams, get_algorithm, make_experience, response_logprobs,
-                          train_step)
+from ..algorithms import (Algorithm, Experience, RLHParams, get_algorithm, make_experience,
+                          rollouts_to_keep, train_step)
 from ..data import PromptDataset, SFTDataset, load_phase, phase_data_from_config
 from ..data.templates import eos_token_id, pad_token_id
 from ..engine import EMA, init_eval_engine, init_train_engine
 from ..engine.hybrid import HybridEngine
 from ..models import ValueModel, load_causal_lm, save_pretrained_merged
-from ..rewards import load_reward_fn, score_with_fn
+from ..rewards import load_reward_fn
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from .setup import DTYPES, BatchOrder, collate, ds_config, load_base, step_dir, to_device, world
-from .tracking import Tracker
+from .scoring import Scorer, evaluate_policy
+from .setup import (TORCH_DTYPES, BatchOrder, collate, ds_config, load_base, step_dir, to_device,
+                    world)
+from .tracking import tracker_for
 
 log = logging.getLogger("rlhf")
 
 
-class Scorer:
-    """The reward of a rollout: a reward model's value at the last real token, or a callable
-    fn(prompts, responses) on the decoded texts. `extra` callables are logged, not optimised."""
+@dataclass
+class RLRun:
+    """What `build_rl` makes from a config: models behind engines, data, generators."""
+    cfg: Any
+    algorithm: Algorithm
+    hp: RLHParams
+    samples_per_prompt: int
+    tokenizer: Any
+    actor: Any                      # DeepSpeed engine (or TorchEngine)
+    critic: Any                     # engine, or None when the algorithm has no critic
+    reference: Any                  # frozen model, or None when rl.kl_ctl is 0
+    scorer: Scorer
+    hybrid: HybridEngine
+    ema: Optional[EMA]
+    prompts: PromptDataset
+    held_out: PromptDataset
+    order: BatchOrder
+    iterations: int
+    ptx: Optional[tuple[SFTDataset, BatchOrder]]
+    generators: dict[str, torch.Generator]
+    output: str
 
-    def __init__(self, tokenizer, reward_model=None, reward_fn=None, extra=None):
-        self.tokenizer, self.model, self.fn = tokenizer, reward_model, reward_fn
-        self.extra = dict(extra or {})
+    @property
+    def engines(self) -> dict:
+        return {"actor": self.actor} | ({"critic": self.critic} if self.critic is not None else {})
 
-    def responses(self, sequences, action_mask, prompt_len):
-        tokens = sequences[:, prompt_len:].masked_fill(~action_mask.bool(), 0).tolist()
-        lengths = action_mask.long().sum(1).tolist()
-        return self.tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)],
-                                           skip_special_tokens=True)
 
-    @torch.no_grad()
-    def __call__(self, prompts, sequences, attention_mask, action_mask):
-        if self.model is not None:
-            return ValueModel.score_last(self.model(sequences, attention_mask), attention_mask)
-        texts = self.responses(sequences, action_mask, attention_mask.shape[1] - action_mask.shape[1])
-        return score_with_fn(self.fn, prompts, texts).to(sequences.device)
+@dataclass
+class Rollouts:
+    """One batch of generated responses and the prompts they answer. `fresh` is False for a
+    reused batch, whose behaviour log-probs are of an older policy."""
+    prompts: list[str]
+    prompt_mask: torch.Tensor
+    generation: Any                 # rlhf_kernels GenerationOutput
+    fresh: bool = True
 
-    def extras(self, prompts, sequences, action_mask, prompt_len) -> dict[str, float]:
-        if not self.extra:
-            return {}
-        texts = self.responses(sequences, action_mask, prompt_len)
-        return {name: float(score_with_fn(fn, prompts, texts).mean())
-                for name, fn in self.extra.items()}
+    def select(self, rows: torch.Tensor) -> Rollouts:
+        g = self.generation
+        generation = dataclasses.replace(g, sequences=g.sequences[rows],
+                                         logprobs=g.logprobs[rows],
+                                         response_mask=g.response_mask[rows])
+        return Rollouts([self.prompts[i] for i in rows.tolist()], self.prompt_mask[rows],
+                        generation, self.fresh)
 
+
+# ---------------------------------------------------------------------------- building
 
 def _models(cfg, algorithm):
-    """actor (trainable), reference, critic (or None), scorer, tokenizer."""
+    """tokenizer, actor (trainable), reference (None when kl_ctl is 0), critic (or None)."""
     sft = step_dir(cfg, "sft")
     actor_path = sft if (sft / "config.json").exists() else cfg.model.name_or_path
     tokenizer, actor = load_base(cfg, actor_path)
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = TORCH_DTYPES[cfg.model.dtype]
     reference = None
     if cfg.rl.kl_ctl > 0:
         reference = (load_causal_lm(actor_path, dtype=dtype) if str(actor_path) != "tiny"
                      else load_base(cfg, "tiny", trainable=False)[1])
-    rm_dir = step_dir(cfg, "rm")
     critic = None
     if algorithm.needs_critic:
-        critic = ValueModel.load(cfg.rl.critic_model_path or rm_dir, dtype=dtype,
+        critic = ValueModel.load(cfg.rl.critic_model_path or step_dir(cfg, "rm"), dtype=dtype,
                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
+    return tokenizer, actor, reference, critic
+
+
+def _scorer(cfg, tokenizer) -> Scorer:
     if cfg.rl.reward:
-        scorer = Scorer(tokenizer, reward_fn=load_reward_fn(cfg.rl.reward))
-    else:
-        scorer = Scorer(tokenizer, reward_model=ValueModel.load(rm_dir, dtype=dtype))
-    return tokenizer, actor, reference, critic, scorer
+        return Scorer(tokenizer, reward_fn=load_reward_fn(cfg.rl.reward))
+    model = ValueModel.load(step_dir(cfg, "rm"), dtype=TORCH_DTYPES[cfg.model.dtype])
+    return Scorer(tokenizer, reward_model=model)
 
 
-@torch.no_grad()
-def evaluate_policy(hybrid, reference, scorer, prompts, *, max_new_tokens, temperature,
-                    batch_size, seed, device) -> dict[str, float]:
-    """Mean reward, KL(policy || reference) per response (sum of log-ratios) and extra scores
-    on held-out prompts, sampled with a fixed seed so runs compare."""
-    generator = torch.Generator(device).manual_seed(seed)
-    totals, n = {}, 0
-    for start in range(0, len(prompts), batch_size):
-        batch = collate(prompts, range(start, min(start + batch_size, len(prompts))))
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = hybrid.generate(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                              generator=generator)
-        action = out.response_mask.bool()
-        full = torch.cat([mask, out.response_mask], 1)
-        metrics = {"reward": scorer(batch["prompts"], out.sequences, full, action).float(),
-                   "response_len": action.sum(1).float()}
-        if reference is not None:
-            ref = response_logprobs(reference, out.sequences, full, ids.shape[1],
-                                    temperature=temperature)
-            metrics["kl"] = ((out.logprobs - ref.float()) * action).sum(1)
-        rows = ids.shape[0]
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value.sum())
-        for name, value in scorer.extras(batch["prompts"], out.sequences, action,
-                                         ids.shape[1]).items():
-            totals[name] = totals.get(name, 0.0) + value * rows
-        n += rows
-    return {name: total / max(n, 1) for name, total in totals.items()}
-
-
-def run_rl(cfg, *, resume=False, extra_scores=None):
-    """Trains step 3; writes the actor to <output>/rl/actor (<output>/rl/actor_ema with EMA).
-    Returns metrics: eval before / after, steps, seconds, time breakdown."""
+def _engines(cfg, actor, critic, reference, scorer, iterations, rollouts):
+    """DeepSpeed engines of the trained models; the frozen ones prepared for inference (the
+    reference with its own offload setting, as DeepSpeed-Chat)."""
     r = cfg.rl
-    start_time = time.time()
-    torch.manual_seed(cfg.seed)
+    updates = iterations * r.ppo_epochs * max(rollouts // r.train_batch_size, 1) // r.grad_accum
+    common = dict(micro_batch=r.train_batch_size, grad_accum=r.grad_accum, warmup=r.warmup,
+                  total_steps=updates, scheduler=r.scheduler)
+    actor = init_train_engine(actor, ds_config(
+        cfg, lr=r.actor_lr, weight_decay=r.actor_weight_decay, **common))
+    critic = None if critic is None else init_train_engine(critic, ds_config(
+        cfg, lr=r.critic_lr, weight_decay=r.critic_weight_decay, **common))
+    frozen = dict(lr=1.0, weight_decay=0.0, inference=True, **common)
+    if reference is not None:
+        reference = init_eval_engine(reference, ds_config(
+            cfg, offload=cfg.deepspeed.offload_reference_model, **frozen))
+    if scorer.model is not None:
+        scorer.model = init_eval_engine(scorer.model, ds_config(cfg, **frozen))
+    return actor, critic, reference
+
+
+def _ptx_data(cfg, tokenizer):
+    r = cfg.rl
+    if not r.ptx:
+        return None
+    data = (load_phase("sft", r.ptx_sources, seed=cfg.seed) if r.ptx_sources
+            else phase_data_from_config(cfg, "sft"))
+    dataset = SFTDataset(data.train, tokenizer, max_seq_len=cfg.model.max_seq_len)
+    return dataset, BatchOrder(len(dataset), r.train_batch_size, cfg.seed + 6)
+
+
+def build_rl(cfg, extra_scores=None) -> RLRun:
+    """Models, engines, data and generators of step 3, from the config alone."""
+    r = cfg.rl
     algorithm = get_algorithm(r.algorithm)
-    group = r.num_samples if r.algorithm in ("grpo", "rloo") else 1
-    rollouts = r.generation_batch_size * group
-    hp = RLHParams.from_config(r, group_size=max(group, 1), micro_batch_size=r.train_batch_size)
-    max_new = r.max_new_tokens or cfg.data.max_answer_len
-    tokenizer, actor, reference, critic, scorer = _models(cfg, algorithm)
+    hp = RLHParams.from_config(r)
+    samples = algorithm.samples_per_prompt(hp)
+    tokenizer, actor, reference, critic = _models(cfg, algorithm)
+    scorer = _scorer(cfg, tokenizer)
     scorer.extra.update(extra_scores or {})
     phase = phase_data_from_config(cfg, "rl")
     prompts = PromptDataset(phase.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len)
     held_out = PromptDataset(phase.eval, tokenizer, max_prompt_len=cfg.data.max_prompt_len)
     order = BatchOrder(len(prompts), r.generation_batch_size, cfg.seed + 2)
     iterations = order.per_epoch * r.epochs if r.steps < 0 else r.steps
-    updates = iterations * r.ppo_epochs * max(rollouts // r.train_batch_size, 1) // r.grad_accum
-    common = dict(micro_batch=r.train_batch_size, grad_accum=r.grad_accum, warmup=r.warmup,
-                  total_steps=updates, scheduler=r.scheduler)
-    actor_engine = init_train_engine(actor, ds_config(
-        cfg, lr=r.actor_lr, weight_decay=r.actor_weight_decay, **common))
-    critic_engine = None if critic is None else init_train_engine(critic, ds_config(
-        cfg, lr=r.critic_lr, weight_decay=r.critic_weight_decay, **common))
-    frozen = ds_config(cfg, lr=1.0, weight_decay=0.0, inference=True, **common)
-    reference = None if reference is None else init_eval_engine(reference, frozen)
-    if scorer.model is not None:
-        scorer.model = init_eval_engine(scorer.model, frozen)
-    device = actor_engine.device
+    actor, critic, reference = _engines(cfg, actor, critic, reference, scorer, iterations,
+                                        r.generation_batch_size * samples)
     eos = [] if r.ignore_eos else eos_token_id(tokenizer)
-    hybrid = HybridEngine(actor_engine, eos_token_id=eos, pad_token_id=pad_token_id(tokenizer))
-    ema = EMA(actor_engine.module, r.ema_beta) if r.enable_ema else None
-    ptx = None
-    if r.ptx:
-        ptx_data = (load_phase("sft", r.ptx_sources, seed=cfg.seed) if r.ptx_sources
-                    else phase_data_from_config(cfg, "sft"))
-        ptx = SFTDataset(ptx_data.train, tokenizer, max_seq_len=cfg.model.max_seq_len)
-        ptx_order = BatchOrder(len(ptx), r.train_batch_size, cfg.seed + 6)
-    sample_gen = torch.Generator(device).manual_seed(cfg.seed + 3)
-    split_gen = torch.Generator().manual_seed(cfg.seed + 4)
-    generators = {"sample": sample_gen, "split": split_gen}
-    engines = {"actor": actor_engine} | ({"critic": critic_engine} if critic_engine else {})
-    out = f"{cfg.output}/rl"
+    hybrid = HybridEngine(actor, eos_token_id=eos, pad_token_id=pad_token_id(tokenizer))
+    generators = {"sample": torch.Generator(actor.device).manual_seed(cfg.seed + 3),
+                  "split": torch.Generator().manual_seed(cfg.seed + 4)}
+    return RLRun(cfg, algorithm, hp, samples, tokenizer, actor, critic, reference, scorer,
+                 hybrid, EMA(actor.module, r.ema_beta) if r.enable_ema else None, prompts,
+                 held_out, order, iterations, _ptx_data(cfg, tokenizer), generators,
+                 f"{cfg.output}/rl")
+
+
+# ---------------------------------------------------------------------------- one iteration
+
+def rollout(run: RLRun, it: int) -> Rollouts:
+    """Generate run.samples_per_prompt responses to each prompt of batch `it`."""
+    r, n, device = run.cfg.rl, run.samples_per_prompt, run.actor.device
+    batch = collate(run.prompts, run.order.batch(it))
+    ids = batch["input_ids"].repeat_interleave(n, 0).to(device)
+    mask = batch["attention_mask"].repeat_interleave(n, 0).to(device)
+    gen = run.hybrid.generate(ids, mask, max_new_tokens=r.max_new_tokens,
+                              temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                              generator=run.generators["sample"])
+    return Rollouts([p for p in batch["prompts"] for _ in range(n)], mask, gen)
+
+
+def drop_short(run: RLRun, batch: Rollouts, last: Optional[Rollouts]):
+    """(rollouts to train on or None, number dropped): DeepSpeed-Chat's rule. Rollouts with
+    fewer than rl.min_response_tokens tokens are dropped (whole groups for grouped algorithms);
+    when none is left the last kept batch is reused, its log-probs recomputed."""
+    group = run.samples_per_prompt if run.algorithm.grouped else 1
+    keep = rollouts_to_keep(batch.generation.response_mask, run.cfg.rl.min_response_tokens,
+                            group)
+    dropped = batch.generation.response_mask.shape[0] - keep.numel()
+    if dropped == 0:
+        return batch, 0
+    if keep.numel():
+        return batch.select(keep), dropped
+    return (None if last is None else dataclasses.replace(last, fresh=False)), dropped
+
+
+def experience(run: RLRun, batch: Rollouts) -> Experience:
+    """Score the rollouts; rewards, advantages and returns as the algorithm defines them."""
+    recompute = run.cfg.rl.recompute_logprobs or not batch.fresh
+    return make_experience(
+        batch.generation, batch.prompt_mask, actor=run.actor, reference=run.reference,
+        reward_fn=lambda s, a, m: run.scorer(batch.prompts, s, a, m), algorithm=run.algorithm,
+        hp=run.hp, critic=run.critic, use_behaviour_logprobs=not recompute)
+
+
+def update(run: RLRun, exp: Experience, it: int) -> dict[str, float]:
+    """hp.ppo_epochs passes of actor (and critic) updates, with a ptx batch when asked."""
+    ptx_batches = None
+    if run.ptx is not None:
+        dataset, order = run.ptx
+        ptx_batches = [to_device(collate(dataset, order.batch(it)), run.actor.device)]
+    with run.hybrid.train():
+        stats = train_step(run.actor, run.critic, exp, run.algorithm, run.hp,
+                           ptx_batches=ptx_batches, generator=run.generators["split"])
+    if run.ema is not None:
+        run.ema.update(run.actor.module)
+    return stats
+
+
+def _metrics(run: RLRun, exp: Experience, stats: dict, batch: Rollouts, dropped: int,
+             experience_s: float) -> dict[str, float]:
+    action = exp.action_mask.float()
+    metrics = {"reward": float(exp.scores.mean()), "response_len": float(action.sum(1).mean()),
+               **stats, "dropped_rollouts": dropped, "reused_rollouts": float(not batch.fresh)}
+    if exp.ref_logprobs is not None:
+        metrics["kl"] = float(((exp.old_logprobs - exp.ref_logprobs) * action).sum(1).mean())
+    metrics.update(run.scorer.extras(batch.prompts, exp.sequences, exp.action_mask,
+                                     exp.prompt_len))
+    times = run.hybrid.take_times()
+    return metrics | {f"time_{k}": v for k, v in times.items()} | {
+        "time_experience": experience_s}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def _resume(run: RLRun, resume: bool) -> dict:
     state = {"iteration": 0, "history": [], "eval_before": None}
-    if resume and (folder := latest_checkpoint(out)):
-        state = load_checkpoint(folder, engines)
-        restore_rng(state["rng"], generators)
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        elif ema is not None:
-            log.warning("checkpoint %s has no EMA state: the EMA restarts from the SFT weights",
-                        folder)
-        log.info("resumed RL from %s at iteration %d", folder, state["iteration"])
-    evaluate = dict(max_new_tokens=max_new, temperature=r.temperature,
-                    batch_size=r.generation_batch_size, seed=cfg.seed + 5, device=device)
-    if state["eval_before"] is None:
-        state["eval_before"] = evaluate_policy(hybrid, reference, scorer, held_out, **evaluate)
-    tracker = Tracker(out, f"rl-{r.algorithm}", tensorboard=cfg.log.tensorboard,
-                      wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                      progress=cfg.log.progress, total=iterations, history=state["history"])
-    hybrid.take_times()
-    for it in range(state["iteration"], iterations):
-        batch = collate(prompts, order.batch(it))
-        ids = batch["input_ids"].repeat_interleave(group, 0).to(device)
-        mask = batch["attention_mask"].repeat_interleave(group, 0).to(device)
-        texts = [p for p in batch["prompts"] for _ in range(group)]
-        gen = hybrid.generate(ids, mask, max_new_tokens=max_new, temperature=r.temperature,
-                              top_k=r.top_k, top_p=r.top_p, generator=sample_gen)
-        t0 = time.perf_counter()
-        exp = make_experience(gen, mask, actor=actor_engine, reference=reference,
-                              reward_fn=lambda s, a, m: scorer(texts, s, a, m),
-                              algorithm=algorithm, hp=hp, critic=critic_engine,
-                              use_behaviour_logprobs=True)
-        experience_s = time.perf_counter() - t0
-        ptx_batches = (None if ptx is None
-                       else [to_device(collate(ptx, ptx_order.batch(it)), device)])
-        with hybrid.train():
-            stats = train_step(actor_engine, critic_engine, exp, algorithm, hp,
-                               ptx_batches=ptx_batches, generator=split_gen)
-        if ema is not None:
-            ema.update(actor_engine.module)
-        action = exp.action_mask.float()
-        metrics = {"reward": float(exp.scores.mean()),
-                   "response_len": float(action.sum(1).mean()), **stats}
-        if exp.ref_logprobs is not None:
-            metrics["kl"] = float(((exp.old_logprobs - exp.ref_logprobs) * action).sum(1).mean())
-        metrics.update(scorer.extras(texts, exp.sequences, exp.action_mask, exp.prompt_len))
-        times = hybrid.take_times()
-        metrics.update({f"time_{k}": v for k, v in times.items()} | {"time_experience": experience_s})
-        if r.eval_every and (it + 1) % r.eval_every == 0:
-            metrics.update({f"eval_{k}": v for k, v in evaluate_policy(
-                hybrid, reference, scorer, held_out, **evaluate).items()})
-        tracker.log(it + 1, metrics)
-        if r.save_every and (it + 1) % r.save_every == 0 and it + 1 < iterations:
-            save_checkpoint(out, it + 1, engines, {
-                "iteration": it + 1, "history": tracker.history, "rng": rng_state(generators),
-                "eval_before": state["eval_before"],
-                "ema": None if ema is None else ema.state_dict()})
-    tracker.close()
-    after = evaluate_policy(hybrid, reference, scorer, held_out, **evaluate)
-    save_pretrained_merged(actor_engine, f"{out}/actor", tokenizer)
-    if ema is not None:
-        ema.copy_to(actor_engine.module)
-        save_pretrained_merged(actor_engine, f"{out}/actor_ema", tokenizer)
-    result = {"eval_before": state["eval_before"], "eval_after": after,
-              "iterations": iterations, "seconds": time.time() - start_time,
-              "generation_path": hybrid.last_path, "world_size": world()[1],
-              "history": tracker.history}
+    folder = latest_checkpoint(run.output) if resume else None
+    if folder is None:
+        return state
+    state = load_checkpoint(folder, run.engines)
+    restore_rng(state["rng"], run.generators)
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    elif run.ema is not None:
+        log.warning("checkpoint %s has no EMA state: the EMA restarts from the SFT weights",
+                    folder)
+    log.info("resumed RL from %s at iteration %d", folder, state["iteration"])
+    return state
+
+
+def _evaluate(run: RLRun) -> dict[str, float]:
+    r = run.cfg.rl
+    return evaluate_policy(run.hybrid, run.reference, run.scorer, run.held_out,
+                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                           batch_size=r.generation_batch_size, seed=run.cfg.seed + 5,
+                           device=run.actor.device)
+
+
+def _save(run: RLRun, step: int, tracker, state: dict) -> None:
+    tracker.flush()
+    save_checkpoint(run.output, step, run.engines, {
+        "iteration": step, "history": tracker.history, "rng": rng_state(run.generators),
+        "eval_before": state["eval_before"],
+        "ema": None if run.ema is None else run.ema.state_dict()})
+
+
+def _finish(run: RLRun, state: dict, history: list, seconds: float) -> dict:
+    after = _evaluate(run)
+    save_pretrained_merged(run.actor, f"{run.output}/actor", run.tokenizer)
+    if run.ema is not None:
+        run.ema.copy_to(run.actor.module)
+        save_pretrained_merged(run.actor, f"{run.output}/actor_ema", run.tokenizer)
     log.info("RL done: before %s after %s", state["eval_before"], after)
-    return result
+    return {"eval_before": state["eval_before"], "eval_after": after,
+            "iterations": run.iterations, "seconds": seconds,
+            "generation_path": run.hybrid.last_path, "world_size": world()[1],
+            "history": history}
+
+
+def run_rl(cfg, *, resume=False, extra_scores=None):
+    """Trains step 3; writes the actor to <output>/rl/actor (<output>/rl/actor_ema with EMA).
+    Returns metrics: eval before / after, steps, seconds, time breakdown."""
+    r, start_time = cfg.rl, time.time()
+    torch.manual_seed(cfg.seed)
+    run = build_rl(cfg, extra_scores)
+    state = _resume(run, resume)
+    if state["eval_before"] is None:
+        state["eval_before"] = _evaluate(run)
+    tracker = tracker_for(cfg, run.output, f"rl-{r.algorithm}", total=run.iterations,
+                          history=state["history"])
+    run.hybrid.take_times()
+    last = None
+    for it in range(state["iteration"], run.iterations):
+        batch, dropped = drop_short(run, rollout(run, it), last)
+        if batch is None:
+            log.warning("iteration %d: all %d rollouts are shorter than rl.min_response_tokens "
+                        "= %d and none was kept before: no update", it + 1, dropped,
+                        r.min_response_tokens)
+            tracker.log(it + 1, {"dropped_rollouts": dropped, "skipped_iterations": 1.0})
+            continue
+        last = batch
+        t0 = time.perf_counter()
+        exp = experience(run, batch)
+        experience_s = time.perf_counter() - t0
+        stats = update(run, exp, it)
+        metrics = _metrics(run, exp, stats, batch, dropped, experience_s)
+        if r.eval_every and (it + 1) % r.eval_every == 0:
+            metrics.update({f"eval_{k}": v for k, v in _evaluate(run).items()})
+        tracker.log(it + 1, metrics)
+        if r.save_every and (it + 1) % r.save_every == 0 and it + 1 < run.iterations:
+            _save(run, it + 1, tracker, state)
+    tracker.close()
+    return _finish(run, state, tracker.history, time.time() - start_time)

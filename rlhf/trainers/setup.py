@@ -7,13 +7,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..config import DTYPES
 from ..data import load_source, normalize_records
 from ..data.synthetic import synthetic_texts
 from ..engine import make_ds_config
 from ..models import apply_lora, load_causal_lm, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("rlhf")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the torch dtype of each config.DTYPES name
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def world() -> tuple[int, int]:
@@ -49,7 +51,7 @@ def load_base(cfg, name_or_path: str | Path, *, trainable=True):
         model = load_causal_lm("tiny", tokenizer=tokenizer, seed=cfg.seed)
     else:
         tokenizer = load_tokenizer(m.tokenizer or name_or_path)
-        model = load_causal_lm(name_or_path, dtype=DTYPES[m.dtype], tokenizer=tokenizer,
+        model = load_causal_lm(name_or_path, dtype=TORCH_DTYPES[m.dtype], tokenizer=tokenizer,
                                gradient_checkpointing=m.gradient_checkpointing and trainable)
     if trainable and m.lora_dim > 0:
         apply_lora(model, m.lora_dim, m.lora_alpha, m.lora_dropout, list(m.lora_target_modules))
@@ -57,14 +59,15 @@ def load_base(cfg, name_or_path: str | Path, *, trainable=True):
 
 
 def ds_config(cfg, *, lr, weight_decay, micro_batch, grad_accum, warmup, total_steps, scheduler,
-              inference=False):
+              inference=False, offload=None):
+    """The DeepSpeed config of one model of the run (`offload` None: deepspeed.offload)."""
     d = cfg.deepspeed
-    return make_ds_config(stage=d.zero_stage, offload=d.offload, dtype=cfg.model.dtype,
-                          micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
-                          weight_decay=weight_decay, warmup_steps=warmup,
+    return make_ds_config(stage=d.zero_stage, offload=d.offload if offload is None else offload,
+                          dtype=cfg.model.dtype, micro_batch=micro_batch, grad_accum=grad_accum,
+                          lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
                           total_steps=max(total_steps, 1), scheduler=scheduler,
                           torch_adam=d.torch_adam, gradient_clipping=d.gradient_clipping,
-                          inference=inference)
+                          betas=d.adam_betas, inference=inference)
 
 
 class BatchOrder:

@@ -56,8 +56,8 @@ class Tracker:
                     log.warning("W&B logging asked for but wandb is not installed")
             if progress:
                 from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, desc=phase, initial=self.history[-1]["step"] if self.history else 0,
-                                dynamic_ncols=True)
+                done = self.history[-1]["step"] if self.history else 0
+                self.bar = tqdm(total=total, desc=phase, initial=done, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record step `step`; written now when step is a multiple of log_every."""
