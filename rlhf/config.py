@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,12 +17,13 @@ import yaml
 from rlhf_kernels.reference.ppo_loss import AGGREGATIONS as LOSS_AGGS
 from rlhf_kernels.reference.ppo_loss import KL_ESTIMATORS
 
+from .config_tree import apply, coerce, flatten, leaf_help, leaf_types
+
 DTYPES = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
 # "auto": the algorithm's own estimator (Algorithm.default_kl_estimator)
 KL_ESTIMATOR_CHOICES = ("auto",) + KL_ESTIMATORS
 ADAM_BETAS = (0.9, 0.95)  # DeepSpeed-Chat's choice
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def _f(default, help_text: str):
@@ -175,94 +173,6 @@ class RunConfig:
     rm: StepConfig = dataclasses.field(default_factory=_rm_defaults)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
-
-
-# ---------------------------------------------------------------------------- typed leaves
-
-def _leaf_types(cls) -> dict[str, Any]:
-    """{"rl.kl_ctl": float, "seed": int, ...} for every leaf field of the dataclass tree."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(hint):
-            out.update({f"{name}.{k}": v for k, v in _leaf_types(hint).items()})
-        else:
-            out[name] = hint
-    return out
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` (from YAML, a dict or a CLI string) as type `hint`, or a TypeError naming `key`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # Optional[T]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is list:
-        items = [s.strip() for s in value.split(",") if s.strip()] \
-            if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise TypeError(f"config key {key!r}: expected a list, got {value!r}")
-        return [_coerce(item, args[0], key) for item in items]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE + _FALSE:
-            return str(value).strip().lower() in _TRUE
-    elif hint in (int, float):
-        if isinstance(value, bool):
-            pass
-        elif isinstance(value, int) or (isinstance(value, float) and
-                                        (hint is float or value.is_integer())):
-            return hint(value)
-        elif isinstance(value, str):  # CLI text; PyYAML also reads "1e-5" (no dot) as a string
-            try:
-                return hint(value.strip())
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        raise TypeError(f"config key {key!r}: unsupported field type {hint!r}")
-    raise TypeError(f"config key {key!r}: expected {hint.__name__}, got {value!r}")
-
-
-def _flatten(tree: dict, cls, prefix: str = "") -> dict[str, Any]:
-    """Nested / dotted dict -> {"section.field": value}; unknown keys raise ValueError."""
-    hints = typing.get_type_hints(cls)
-    flat = {}
-    for key, value in tree.items():
-        head, _, rest = str(key).partition(".")
-        where = f"{prefix}{head}"
-        if head not in hints:
-            close = difflib.get_close_matches(head, hints, n=1)
-            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown config key {where!r}{hint}; valid keys"
-                             f"{' in ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(hints)}")
-        sub = hints[head]
-        if dataclasses.is_dataclass(sub):
-            if rest:
-                value = {rest: value}
-            elif not isinstance(value, dict):
-                raise TypeError(f"config key {where!r} is a section: expected a mapping, "
-                                f"got {value!r}")
-            flat.update(_flatten(value, sub, where + "."))
-        elif rest:
-            raise ValueError(f"unknown config key {prefix + str(key)!r}: "
-                             f"{where!r} is not a section")
-        else:
-            flat[where] = value
-    return flat
-
-
-def _apply(cfg, flat: dict[str, Any]) -> None:
-    types_ = _leaf_types(type(cfg))
-    for key, value in flat.items():
-        *path, leaf = key.split(".")
-        obj = cfg
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, leaf, _coerce(value, types_[key], key))
 
 
 # ---------------------------------------------------------------------------- validation
@@ -418,9 +328,9 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: dict | No
     """
     cfg = cls()
     if yaml_path is not None:
-        _apply(cfg, _flatten(_read_yaml(os.fspath(yaml_path)), cls))
+        apply(cfg, flatten(_read_yaml(os.fspath(yaml_path)), cls))
     if overrides:
-        _apply(cfg, _flatten(overrides, cls))
+        apply(cfg, flatten(overrides, cls))
     if isinstance(cfg, RunConfig):
         validate(cfg)
     return cfg
@@ -446,11 +356,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=RunConfig) -> argp
     parser.add_argument("--config", metavar="PATH.yaml", default=None,
                         help="YAML config file (defaults < file < flags)")
     group = parser.add_argument_group("configuration (--section.field)")
-    helps = _leaf_help(cls())
-    for key, hint in _leaf_types(cls).items():
+    helps = leaf_help(cls())
+    for key, hint in leaf_types(cls).items():
         def parse(text, key=key, hint=hint):
             try:
-                return _coerce(text, hint, key)
+                return coerce(text, hint, key)
             except TypeError as err:
                 raise argparse.ArgumentTypeError(str(err)) from None
         parse.__name__ = getattr(hint, "__name__", str(hint))
@@ -462,18 +372,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=RunConfig) -> argp
 
 def config_from_args(args: argparse.Namespace, cls=RunConfig):
     """The config described by parsed ``add_config_arguments`` flags (``--config`` then flags)."""
-    keys = _leaf_types(cls)
+    keys = leaf_types(cls)
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     return load_config(getattr(args, "config", None), overrides, cls=cls)
-
-
-def _leaf_help(obj, prefix: str = "") -> dict[str, str]:
-    """{"rl.kl_ctl": "help (default 0.1)", ...} from a default instance (rm's defaults differ)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(_leaf_help(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = f"{f.metadata.get('help', '')} (default {value!r})"
-    return out
