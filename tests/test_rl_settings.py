@@ -215,3 +215,18 @@ def test_short_rollouts_are_counted_in_a_run(tmp_path):
     history = rl_trainer.run_rl(cfg)["history"]
     assert [row["dropped_rollouts"] for row in history] == [4.0, 4.0]
     assert all(row["skipped_iterations"] == 1.0 for row in history)
+
+
+@pytest.mark.parametrize("recompute, fresh, want_behaviour", [
+    (False, True, True), (True, True, False), (False, False, False)])
+def test_recompute_logprobs_setting_and_reused_batches(tmp_path, monkeypatch, recompute, fresh,
+                                                       want_behaviour):
+    seen = {}
+    monkeypatch.setattr(rl_trainer, "make_experience",
+                        lambda *args, **kwargs: seen.update(kwargs))
+    cfg = tiny_config(tmp_path, {"rl.recompute_logprobs": recompute})
+    run = types.SimpleNamespace(cfg=cfg, actor=None, reference=None, scorer=None,
+                                algorithm=get_algorithm("ppo"), hp=RLHParams(), critic=None)
+    batch = fake_batch([2, 2])
+    rl_trainer.experience(run, rl_trainer.dataclasses.replace(batch, fresh=fresh))
+    assert seen["use_behaviour_logprobs"] is want_behaviour
