@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from rlhf_kernels.reference.ppo_loss import AGGREGATIONS as LOSS_AGGS
-from rlhf_kernels.reference.ppo_loss import KL_ESTIMATORS
+from rlhf_kernels.reference.ppo_loss import AGGREGATIONS, KL_ESTIMATORS
 
 from .config_tree import apply, coerce, flatten, leaf_help, leaf_types
 
@@ -122,7 +121,7 @@ class RLConfig:
     scale_by_std: bool = _f(True, "grpo divides by the group's score std (false: Dr. GRPO)")
     group_std_eps: float = _f(1e-4, "added to the group std before dividing (grpo)")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
-    loss_agg: str = _f("token-mean", "loss aggregation: " + " | ".join(LOSS_AGGS))
+    loss_agg: str = _f("token-mean", "loss aggregation: " + " | ".join(AGGREGATIONS))
     ppo_epochs: int = _f(1, "passes over each batch of experience")
     generation_batch_size: int = _f(16, "prompts per generation batch per device")
     train_batch_size: int = _f(16, "experiences per training micro-batch per device")
@@ -215,7 +214,7 @@ def check_rl_hparams(rl, prefix: str = "rl.") -> None:
             raise ValueError(f"{where} {message}, got {getattr(rl, name)!r}")
     require(rl.kl_estimator in KL_ESTIMATOR_CHOICES, "kl_estimator",
             f"must be one of {', '.join(KL_ESTIMATOR_CHOICES)}")
-    require(rl.loss_agg in LOSS_AGGS, "loss_agg", f"must be one of {', '.join(LOSS_AGGS)}")
+    require(rl.loss_agg in AGGREGATIONS, "loss_agg", f"must be one of {', '.join(AGGREGATIONS)}")
     for name in ("kl_ctl", "entropy_coef", "ptx_coef", "group_std_eps"):
         require(getattr(rl, name) >= 0, name, "must be >= 0")
     for name in ("cliprange", "cliprange_value", "temperature"):

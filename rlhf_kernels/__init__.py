@@ -1,7 +1,8 @@
 """rlhf_kernels: fused CPU / CUDA / Triton kernels for the hot spots of RLHF training.
 
-Every op takes backend="auto" | "cuda" | "triton" | "cpu" | "torch"; see
-`python -m rlhf_kernels report` for what is available here.
+Every op with kernels takes backend="auto" | "cuda" | "triton" | "cpu" | "torch" (not
+ppo_critic_loss: elementwise torch on every device); see `python -m rlhf_kernels report` for
+what is available here.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 

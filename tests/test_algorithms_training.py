@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from rlhf.algorithms import (Experience, RLHParams, TorchEngine, actor_loss, critic_loss,
                              get_algorithm, make_experience, ptx_loss, response_logprobs,
                              train_step)
+from rlhf.data.tokenized import IGNORE_INDEX
 from test_algorithms_models import TinyCritic, full_mask, rollout, score_fn, tiny_llama
 
 
@@ -112,15 +113,15 @@ def test_ptx_loss_is_cross_entropy():
     ids = torch.randint(0, 37, (3, 8), generator=gen)
     attention = torch.ones_like(ids)
     attention[2, 5:] = 0  # right padding
-    labels = torch.where(attention.bool(), ids, -100)
-    labels[0, :3] = -100  # a masked prompt
+    labels = torch.where(attention.bool(), ids, IGNORE_INDEX)
+    labels[0, :3] = IGNORE_INDEX  # a masked prompt
     logits = model(input_ids=ids, attention_mask=attention).logits
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 37), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+                           ignore_index=IGNORE_INDEX)
     got = ptx_loss(model, {"input_ids": ids, "attention_mask": attention, "labels": labels})
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     default = ptx_loss(model, {"input_ids": ids, "attention_mask": attention})
-    labels_all = torch.where(attention.bool(), ids, -100)
+    labels_all = torch.where(attention.bool(), ids, IGNORE_INDEX)
     torch.testing.assert_close(default, F.cross_entropy(
         logits[:, :-1].reshape(-1, 37), labels_all[:, 1:].reshape(-1)), atol=1e-5, rtol=1e-5)
     assert default.requires_grad

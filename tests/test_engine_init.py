@@ -317,6 +317,32 @@ def test_ema_bad_input():
         ema.load_state_dict({"beta": 0.5, "num_updates": 0, "shadow": {}})
 
 
+# ---------------------------------------------------------------- unwrap
+
+
+def test_unwrap_reaches_the_model_through_engines_ddp_and_peft(fresh_model):
+    """One `unwrap` for the trainer, export, EMA, the hybrid engine and generation: through
+    DeepSpeed engines, DDP, TorchEngine and peft's PeftModel, nested in any order."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.algorithms import TorchEngine
+    from rlhf.models import ValueModel, unwrap
+
+    assert unwrap(fresh_model) is fresh_model
+    engine = init_train_engine(fresh_model, train_config(0))
+    assert unwrap(engine) is fresh_model
+    sgd = torch.optim.SGD(fresh_model.parameters(), lr=0.1)
+    assert unwrap(TorchEngine(fresh_model, sgd)) is fresh_model
+    ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(2, 2)))
+    assert unwrap(ddp) is ddp.module
+    value_model = ValueModel.from_causal_lm(copy.deepcopy(fresh_model))
+    assert unwrap(TorchEngine(value_model, sgd)) is value_model  # the model, not its backbone
+    base = copy.deepcopy(fresh_model)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert unwrap(peft_model) is base
+    assert unwrap(init_train_engine(peft_model, train_config(0))) is base
+
+
 # ---------------------------------------------------------------- training forwards on the fused path
 
 

@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from rlhf_kernels.generation import generate, loop, new_cache, response_logprobs
-from rlhf_kernels.generation.fallback import positions_from_mask
+from rlhf_kernels.generation import (generate, loop, new_cache, position_ids_from_mask,
+                                     response_logprobs)
 
 from tiny_models import CONFIGS, FALLBACK, build, left_padded_prompts
 
@@ -144,9 +144,12 @@ def test_bfloat16_model_runs_close_to_teacher_forced(rng):
     torch.testing.assert_close(out.logprobs, expected, atol=0.1, rtol=0)
 
 
-def test_positions_ignore_left_padding():
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+def test_position_ids_ignore_left_and_right_padding():
+    # real tokens count 0, 1, 2, ... wherever the padding is; padding gets 0 (HF generate's)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3], [0, 1, 0, 0],
+                                                     [0, 0, 1, 0]]
+    assert torch.equal(position_ids_from_mask(mask.bool()), position_ids_from_mask(mask))
 
 
 def test_max_new_tokens_zero_returns_the_prompts(rng):

@@ -21,6 +21,7 @@ from rlhf.models import (
     position_ids_from_mask,
     save_pretrained_merged,
     train_tokenizer,
+    unwrap,
 )
 from rlhf.models.lora import lora_layers
 
@@ -275,8 +276,41 @@ def test_score_last_bad_input():
 
 
 def test_position_ids_count_real_tokens():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
-    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0]]
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0],
+                                                     [0, 0, 1, 0, 0], [0, 1, 2, 3, 4]]
+    # HF generate's convention (transformers' _prepare_position_ids_for_generation)
+    hf = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    assert torch.equal(position_ids_from_mask(mask), hf)
+
+
+def test_one_helper_per_concept():
+    """The trainer, the value model and generation share one function each."""
+    import rlhf.algorithms as algorithms
+    import rlhf.algorithms.model_forward as model_forward
+    import rlhf.models.export as export
+    import rlhf.models.value as value
+    import rlhf_kernels.generation as generation
+    from rlhf_kernels.generation import adapters, fallback, loop, sequence
+
+    assert {id(m.position_ids_from_mask) for m in (algorithms, model_forward, value, generation,
+                                                    fallback, loop, sequence)} \
+        == {id(position_ids_from_mask)}
+    assert {id(m.unwrap) for m in (model_forward, export, generation, adapters)} \
+        == {id(unwrap)}
+    assert algorithms.last_token_index is last_token_index
+
+
+def test_last_token_index():
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 1, 1],
+                         [1, 1, 1, 0, 0]])
+    index, has_token = last_token_index(mask)
+    assert index.tolist() == [4, 0, 0, 4, 2] and index.dtype == torch.long
+    assert has_token.tolist() == [True, False, True, True, True]
+    for same in (mask.bool(), mask.float()):
+        assert all(torch.equal(a, b) for a, b in zip(last_token_index(same), (index, has_token)))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        last_token_index(torch.ones(2, 3, 4))
 
 
 def test_value_model_forward_bad_input(value_model):
@@ -433,3 +467,24 @@ def test_save_merged_lora_model(lora_model, batch, tiny, tmp_path):
                                    lora_model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
     state = full_state_dict(lora_model)
     assert state["lm_head.weight"] is state["model.embed_tokens.weight"]
+
+
+def test_save_merged_peft_model(tiny, batch, tmp_path):
+    """A peft PeftModel is unwrapped to its base model (LoRA layers inside): the folder holds
+    the whole merged model under its plain names, not a peft adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    ids, mask = batch
+    model = load_causal_lm("tiny", tokenizer=tiny[1], seed=3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8.0,
+                                                  target_modules=["q_proj", "v_proj"]))
+    randomize_lora(peft_model)
+    assert unwrap(peft_model) is model
+    save_pretrained_merged(peft_model, tmp_path, tokenizer=tiny[1])
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.weight" in saved
+    assert not any("lora_" in k or "base_layer" in k or "base_model" in k for k in saved)
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(tmp_path)(input_ids=ids, attention_mask=mask).logits,
+                                   peft_model(input_ids=ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)

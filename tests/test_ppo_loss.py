@@ -234,3 +234,5 @@ def test_critic_loss_bad_input():
         rlhf_kernels.ppo_critic_loss(v, v, v, m, clip=-1)
     with pytest.raises(TypeError, match="old_values must be a floating"):
         rlhf_kernels.ppo_critic_loss(v, torch.zeros(2, 3, dtype=torch.long), v, m)
+    with pytest.raises(TypeError, match="backend"):  # torch on every device: nothing to pick
+        rlhf_kernels.ppo_critic_loss(v, v, v, m, backend="cuda")

@@ -8,7 +8,7 @@ import rlhf.models.fused_forward as fused_forward
 from rlhf.algorithms.model_forward import causal_lm_logits
 from rlhf.models import ValueModel
 from rlhf_kernels.generation import sequence_forward
-from rlhf_kernels.generation.fallback import positions_from_mask
+from rlhf_kernels.generation import position_ids_from_mask
 
 from tiny_models import CONFIGS, FALLBACK, build, left_padded_prompts
 
@@ -27,7 +27,7 @@ def sequences(rng):
 
 
 def hf(model, ids, mask, **kwargs):
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                  use_cache=False, **kwargs)
 
 
@@ -42,6 +42,22 @@ def test_logits_equal_hf_on_padded_sequences(family, rng):
     real = mask.bool()
     torch.testing.assert_close(ours[real], expected[real], atol=ATOL, rtol=0)
     torch.testing.assert_close(last3, ours[:, -3:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-tied", "gpt2", "opt"])
+def test_padding_on_either_side_leaves_the_real_tokens_alone(family, rng):
+    """position_ids_from_mask's contract: the real tokens of a row padded on the left and on
+    the right get the positions, and so the logits, of the row alone (HF and ours)."""
+    model = build(CONFIGS[family], seed=5)
+    ids, mask = sequences(rng)
+    real = mask[0].bool()  # row 0: 4 pads, 3 real tokens, 2 pads
+    assert not real[0] and not real[-1]
+    with torch.no_grad():
+        alone = hf(model, ids[:1, real], mask[:1, real]).logits[0]
+        padded_hf = hf(model, ids, mask).logits[0, real]
+        padded_ours = sequence_forward(model, ids, mask)[0, real]
+    torch.testing.assert_close(padded_hf, alone, atol=ATOL, rtol=0)
+    torch.testing.assert_close(padded_ours, alone, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", LLAMA_FAMILY)

@@ -11,9 +11,8 @@ import torch
 
 import rlhf_kernels
 
+from ..data.tokenized import IGNORE_INDEX
 from .model_forward import causal_lm_logits, response_logits, response_values
-
-IGNORE_INDEX = -100
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

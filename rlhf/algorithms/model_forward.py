@@ -10,20 +10,12 @@ import inspect
 
 import torch
 
-# positions counted over real tokens only, as generation (ours and HF's) counts them, so that
-# left padding does not shift the positions of the prompt and the response
-from rlhf_kernels.generation.fallback import positions_from_mask as position_ids_from_mask
+# position ids count real tokens only, as generation (ours and HF's) counts them, so that the
+# padding (left of the prompt, right of the response) does not shift any real token's position;
+# unwrap: the model inside a DeepSpeed engine / DDP / TorchEngine / peft model
+from rlhf_kernels.generation import position_ids_from_mask, unwrap
 
 from ..models.fused_forward import routed
-
-
-def unwrap(model):
-    """The module whose forward signature tells what the model accepts: through a DeepSpeed
-    engine (or DDP, or the TorchEngine adapter) `.module`, and a peft model's base model."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _accepts(model, name: str) -> bool:

@@ -12,21 +12,14 @@ import torch
 
 from rlhf_kernels.reference.ppo_loss import kl_penalty
 
+from ..models.value import last_token_index
+
 
 def _check(name, x, shape):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-
-
-def last_token_index(action_mask: torch.Tensor):
-    """(index [B], has_token [B]): the position of the last 1 of each row of the mask (0 for a
-    row without one, where has_token is False)."""
-    mask = action_mask != 0
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = torch.where(mask, positions, -1).max(dim=1).values
-    return last.clamp(min=0), last >= 0
 
 
 def score_at_last_token(scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,6 @@ PROMPT_KEYS = ("prompt", "question", "query", "instruction")
 RESPONSE_KEYS = ("response", "answer", "completion", "output")
 HUMAN_MARK, ASSISTANT_MARK = "\n\nHuman:", "\n\nAssistant:"
 
-FORMATS = ("prompt", "sft", "pairwise")
-
 
 def record_formats(record: dict) -> set[str]:
     """Which formats a normalised record can serve: always "prompt", plus "sft" / "pairwise"."""

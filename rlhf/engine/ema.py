@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf.models.export import gathered, unwrap
+from rlhf.models.export import gathered
+from rlhf_kernels.generation import unwrap
 
 
 class EMA:

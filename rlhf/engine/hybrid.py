@@ -15,9 +15,9 @@ from collections import defaultdict
 
 import torch
 
-from rlhf_kernels.generation import generate
+from rlhf_kernels.generation import generate, unwrap
 
-from ..models.export import gathered, unwrap
+from ..models.export import gathered
 from ..models.lora import merge_lora
 
 
@@ -25,7 +25,8 @@ class HybridEngine:
     """Wraps the actor's engine (or a plain module) for generation.
 
     Args:
-        engine: a DeepSpeed engine (or an nn.Module / TorchEngine with `.module`).
+        engine: a DeepSpeed engine (or an nn.Module / TorchEngine with `.module`; a peft
+            model inside is unwrapped to its base model).
         eos_token_id, pad_token_id: generation's stop and fill tokens.
         backend: rlhf_kernels backend for the decode kernels ("auto").
     """

@@ -14,15 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf.models.lora import merge_lora
+from rlhf_kernels.generation import unwrap  # engine / DDP / peft -> the model
 
 PEFT_BASE_LAYER = ".base_layer."
 PEFT_ADAPTER_MARK = "lora_"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user module inside a DeepSpeed engine (or DDP wrapper); `model` itself otherwise."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def is_zero3_partitioned(model: nn.Module) -> bool:

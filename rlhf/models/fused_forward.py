@@ -9,8 +9,7 @@ import contextlib
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from rlhf_kernels.generation import sequence_forward
-from rlhf_kernels.generation.adapters import unwrap  # the HF model under DeepSpeed / peft
+from rlhf_kernels.generation import sequence_forward, unwrap
 
 ENABLED = True  # False: every forward through Hugging Face (the benchmarks' baseline path)
 

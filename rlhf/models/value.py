@@ -13,6 +13,7 @@ from transformers import AutoModel, PreTrainedModel
 from rlhf.models.export import full_state_dict, write_on_main_process
 from rlhf.models.fused_forward import fused_hidden
 from rlhf.models.loading import enable_gradient_checkpointing
+from rlhf_kernels.generation import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -26,22 +27,16 @@ def head_input_size(config) -> int:
     raise ValueError(f"cannot tell the hidden size of a {type(config).__name__}")
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, so a left-padded row sees the same positions as
-    the unpadded one (padding positions get 0)."""
-    mask = attention_mask.long()
-    return (mask.cumsum(-1) - 1).clamp(min=0) * mask
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index [B] of the last position where `attention_mask` is 1 (left or right padding)."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be [B, T], got shape {tuple(attention_mask.shape)}")
-    mask = attention_mask != 0
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("attention_mask has a row without any real token")
+def last_token_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B], has_token [B] bool) of a [B, T] 0/1 mask (an attention mask, an action
+    mask; padding left, right or both): the position of the last nonzero entry of each row,
+    and whether the row has one (index 0 where it has none)."""
+    if mask.dim() != 2:
+        raise ValueError(f"the mask must be [B, T], got shape {tuple(mask.shape)}")
+    mask = mask != 0
     positions = torch.arange(mask.shape[1], device=mask.device)
-    return torch.where(mask, positions, -1).amax(dim=1)
+    last = torch.where(mask, positions, -1).amax(dim=1)
+    return last.clamp(min=0), last >= 0
 
 
 class PairwiseOutput(NamedTuple):
@@ -123,7 +118,9 @@ class ValueModel(nn.Module):
         if values.shape != attention_mask.shape:
             raise ValueError(f"values shape {tuple(values.shape)} != attention_mask shape "
                              f"{tuple(attention_mask.shape)}")
-        index = last_token_index(attention_mask)
+        index, has_token = last_token_index(attention_mask)
+        if not bool(has_token.all()):
+            raise ValueError("attention_mask has a row without any real token")
         return values.gather(1, index.unsqueeze(1)).squeeze(1)
 
     def save(self, output_dir: str | Path, tokenizer=None) -> None:

@@ -18,9 +18,17 @@ def say_once(reason: str) -> None:
                     "the log-probs (slower)", reason)
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that ignore left padding, as HF generate computes them (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] int64 that count real tokens only: cumsum(mask) - 1 at the real
+    tokens (mask 1) and 0 at padding (mask 0), HF `generate`'s convention.
+
+    A row's real tokens get 0, 1, 2, ... whether the padding is on the left (prompts), on the
+    right (responses after EOS) or both, so a padded row sees the positions of the unpadded one.
+    What padding positions get does not change the outputs at real tokens (no real token
+    attends to padding); 0 keeps them inside every position table.
+    """
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def response_mask_from(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
@@ -34,7 +42,7 @@ def response_mask_from(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Ten
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
     """log_softmax(logits / T) of each response token under a teacher-forced forward; [B, N]."""
     out = model(input_ids=sequences, attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask))
+                position_ids=position_ids_from_mask(attention_mask))
     logits = out.logits[:, prompt_len - 1:-1]
     return token_logprobs(logits, sequences[:, prompt_len:],
                           temperature=temperature if temperature > 0 else 1.0)

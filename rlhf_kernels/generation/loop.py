@@ -19,7 +19,7 @@ from ..ops import decode as decode_ops
 from .adapters import adapter_for, unwrap
 from .adapters.attention import DecodeAttention, PrefillAttention
 from .cache import StaticKVCache
-from .fallback import hf_generate, positions_from_mask, say_once
+from .fallback import hf_generate, position_ids_from_mask, say_once
 
 
 @dataclass
@@ -145,7 +145,7 @@ class _Decoder:
         self.sample = decode_ops.sample_kernel(backend, device)
         self.backend, self.use_graph = backend, use_graph
         self.input_ids, self.mask = input_ids, mask
-        positions = positions_from_mask(mask)
+        positions = position_ids_from_mask(mask)
         # static inputs of the decode step, updated in place between steps
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = positions[:, -1:] + 1

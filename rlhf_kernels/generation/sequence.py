@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter, adapter_for, unwrap
 from .adapters.attention import SequenceAttention
-from .fallback import positions_from_mask
+from .fallback import position_ids_from_mask
 
 
 def _dropout_active(model) -> bool:
@@ -54,7 +54,7 @@ def sequence_forward(model, input_ids, attention_mask, *, position_ids=None, las
 
     Args:
         model: a causal LM (logits), or with hidden=True a causal LM or its base model.
-        position_ids: default: counted over real tokens (`positions_from_mask`), as the
+        position_ids: default: counted over real tokens (`position_ids_from_mask`), as the
             trainer and generation count them.
         last: > 0: logits of the last `last` positions only.
         hidden: return the base model's last_hidden_state [B, T, hidden] (for value heads)
@@ -73,7 +73,7 @@ def sequence_forward(model, input_ids, attention_mask, *, position_ids=None, las
                            else getattr(adapter, "lm_head", "") is None):
         return None
     mask = attention_mask.long()
-    positions = positions_from_mask(mask) if position_ids is None else position_ids
+    positions = position_ids_from_mask(mask) if position_ids is None else position_ids
     adapter.use_kernels(backend, grad=grad)
     out = adapter.blocks_out(input_ids, positions, SequenceAttention(mask, adapter.windows))
     return adapter.final_norm(out) if hidden else adapter.head(out[:, -last:] if last else out)

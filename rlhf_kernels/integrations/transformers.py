@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from ..generation import adapter_for, generate
-from ..generation.adapters import unwrap
+from ..generation import adapter_for, generate, unwrap
 
 log = logging.getLogger("rlhf_kernels.integrations")
 SERVED = {"input_ids", "inputs", "attention_mask", "max_new_tokens", "max_length", "do_sample",

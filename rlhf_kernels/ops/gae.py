@@ -3,11 +3,11 @@
     gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, mode="zero", whiten=False,
         cu_seqlens=None, backend="auto") -> (advantages, returns)
 
-See ARCHITECTURE.md ("GAE") for the exact recursion of each mode. Inputs are [B, T], or packed
-[N] with cu_seqlens [B+1]; outputs are float32 of the same shape, 0 where the mask is 0.
-Values at masked positions are never read, so padding may hold anything, NaN included; a
-non-finite reward or value at a valid position raises ValueError. Not differentiable: GAE runs
-on detached rollout data.
+See README.md ("GAE") for the recursion of each mode, and rlhf_kernels.reference.gae for it
+written out in torch. Inputs are [B, T], or packed [N] with cu_seqlens [B+1]; outputs are
+float32 of the same shape, 0 where the mask is 0. Values at masked positions are never read,
+so padding may hold anything, NaN included; a non-finite reward or value at a valid position
+raises ValueError. Not differentiable: GAE runs on detached rollout data.
 """
 from __future__ import annotations
 

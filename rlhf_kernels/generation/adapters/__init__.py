@@ -1,6 +1,8 @@
 """Model adapters: which Hugging Face families run on the fused generation path."""
 from __future__ import annotations
 
+from torch import nn
+
 from .base import DecoderAdapter, Unsupported
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
@@ -11,16 +13,21 @@ SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
 def unwrap(model):
-    """The Hugging Face causal LM under peft / DeepSpeed wrappers."""
-    for _ in range(4):
-        hf_config = hasattr(getattr(model, "config", None), "model_type")
-        if hasattr(model, "module") and not hf_config:
-            model = model.module                      # DeepSpeed engine (its config: a dict), DDP
-        elif type(model).__name__.startswith("Peft") and hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            break
-    return model
+    """The model inside its training wrappers, however nested: the `.module` of a DeepSpeed
+    engine, of DDP and of rlhf's TorchEngine, and the base model of a peft `PeftModel`
+    (`get_base_model()`, with its LoRA layers still in it). A Hugging Face model (one whose
+    config has a `model_type`) and any other module come back as they are."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) \
+                and not hasattr(getattr(model, "config", None), "model_type"):
+            model = inner                     # DeepSpeed engine (its config: a dict), DDP
+            continue
+        get_base_model = getattr(model, "get_base_model", None)
+        base = get_base_model() if callable(get_base_model) else model
+        if base is model:
+            return model
+        model = base
 
 
 def adapter_for(model):
