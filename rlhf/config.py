@@ -144,7 +144,11 @@ class RLConfig:
     ptx: bool = _f(False, "mix the pretraining (SFT) loss into the actor update")
     ptx_coef: float = _f(27.8, "weight of the mixed pretraining loss")
     ptx_sources: list[str] = _f([], "sources of the ptx loss ([] = the SFT step's records)")
-    reward: str = _f("", '"" = the reward model of the rm step, or a callable "module:function"')
+    reward: str = _f("", '"" = the reward model of the rm step, or a callable "module:function"'
+                         " (code: the module is imported and run; the current folder is "
+                         "importable, as under python -m)")
+    reward_timeout: float = _f(600.0, "seconds one call of a reward function may take before the "
+                                      "run stops with an error naming it (0 = no limit)")
     critic_model_path: str = _f("", 'critic initialisation ("" = the reward model)')
     steps: int = _f(-1, "stop after this many RL iterations (-1 = run all epochs)")
     epochs: int = _f(1, "passes over the RL prompts")
@@ -165,6 +169,8 @@ class LogConfig:
 class RunConfig:
     output: str = _f("output", "run folder")
     seed: int = _f(1234, "seed of data shuffling, sampling and initialisation")
+    max_skipped_steps: int = _f(10, "updates whose loss is non-finite are skipped and counted; "
+                                    "this many in a row stop the run with an error (0 = never)")
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
@@ -241,7 +247,8 @@ def _validate_model_data(cfg: RunConfig) -> None:
     _require(m.lora_dropout < 1, "model.lora_dropout", "must be < 1", m.lora_dropout)
     _require(bool(d.sources), "data.sources", "must name at least one source", d.sources)
     parse_data_split(d.data_split)
-    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)
+    _require(0 < d.eval_fraction < 1, "data.eval_fraction",
+             "must be in (0, 1): each step evaluates on its held-out share", d.eval_fraction)
     _check_min(d, "data", {"max_prompt_len": 1, "num_synthetic": 1})
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3",
              ds.zero_stage)
@@ -296,6 +303,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_steps(cfg)
     _validate_rl(cfg.rl)
     _check_min(cfg.log, "log", {"log_every": 1})
+    _require(cfg.max_skipped_steps >= 0, "max_skipped_steps", "must be >= 0",
+             cfg.max_skipped_steps)
+    _require(cfg.rl.reward_timeout >= 0, "rl.reward_timeout", "must be >= 0 (0 = no limit)",
+             cfg.rl.reward_timeout)
     return cfg
 
 

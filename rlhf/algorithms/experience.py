@@ -16,6 +16,7 @@ import torch
 import rlhf_kernels
 
 from .model_forward import check_sequences, response_logits, response_values
+from .nonfinite import check_finite
 
 
 @dataclass
@@ -152,6 +153,46 @@ def make_experience(generation, prompt_mask, *, actor, reference, reward_fn: Cal
 
     Models are called in whatever train / eval mode the caller left them.
     """
+    _check_inputs(generation, prompt_mask, algorithm, critic, reference, hp)
+    sequences, prompt_len = generation.sequences, prompt_mask.shape[1]
+    action_mask = generation.response_mask != 0
+    attention_mask = torch.cat([prompt_mask.long(), action_mask.long()], dim=1)
+    args = (sequences, attention_mask, prompt_len)
+    if use_behaviour_logprobs:
+        if getattr(generation, "logprobs", None) is None:
+            raise ValueError("use_behaviour_logprobs needs generation.logprobs")
+        old = generation.logprobs
+    else:
+        old = response_logprobs(actor, *args, temperature=hp.temperature)
+    check_finite("the policy's log-probs are", old, action_mask, _DIVERGED_ACTOR)
+    ref = values = None
+    if reference is not None:
+        ref = response_logprobs(reference, *args, temperature=hp.temperature)
+        check_finite("the reference model's log-probs are", ref, action_mask,
+                     "the reference is the frozen SFT model: check model.dtype and its weights")
+    if algorithm.needs_critic:
+        values = response_values(critic, *args)
+        check_finite("the critic's values are", values, action_mask,
+                     "the critic has diverged: lower rl.critic_lr or rl.cliprange_value")
+
+    def masked(x):
+        return None if x is None else torch.where(action_mask, x.float(), 0.0)
+
+    exp = Experience(
+        sequences, attention_mask, action_mask, prompt_len, old_logprobs=masked(old),
+        ref_logprobs=masked(ref), values=masked(values),
+        scores=_checked_scores(reward_fn(sequences, attention_mask, action_mask),
+                               sequences.shape[0], sequences.device))
+    exp.rewards = algorithm.rewards(exp, hp)
+    exp.advantages, exp.returns = algorithm.advantages(exp, hp)
+    return exp
+
+
+_DIVERGED_ACTOR = ("the actor has diverged: lower rl.actor_lr, check model.dtype (fp16 "
+                   "overflows first) and rl.temperature")
+
+
+def _check_inputs(generation, prompt_mask, algorithm, critic, reference, hp) -> None:
     sequences, response_mask = generation.sequences, generation.response_mask
     if prompt_mask.dim() != 2 or response_mask.dim() != 2 or sequences.shape != (
             prompt_mask.shape[0], prompt_mask.shape[1] + response_mask.shape[1]):
@@ -162,28 +203,3 @@ def make_experience(generation, prompt_mask, *, actor, reference, reward_fn: Cal
         raise ValueError(f"algorithm {algorithm.name!r} needs a critic")
     if reference is None and hp.kl_ctl != 0:
         raise ValueError(f"kl_ctl = {hp.kl_ctl} needs a reference model (or set kl_ctl to 0)")
-    prompt_len = prompt_mask.shape[1]
-    action_mask = response_mask != 0
-    attention_mask = torch.cat([prompt_mask.long(), action_mask.long()], dim=1)
-    args = (sequences, attention_mask, prompt_len)
-
-    def masked(logprobs):
-        return torch.where(action_mask, logprobs.float(), 0.0)
-
-    if use_behaviour_logprobs:
-        if getattr(generation, "logprobs", None) is None:
-            raise ValueError("use_behaviour_logprobs needs generation.logprobs")
-        old = masked(generation.logprobs)
-    else:
-        old = masked(response_logprobs(actor, *args, temperature=hp.temperature))
-    exp = Experience(
-        sequences, attention_mask, action_mask, prompt_len, old_logprobs=old,
-        ref_logprobs=None if reference is None else masked(
-            response_logprobs(reference, *args, temperature=hp.temperature)),
-        values=(torch.where(action_mask, response_values(critic, *args), 0.0)
-                if algorithm.needs_critic else None),
-        scores=_checked_scores(reward_fn(sequences, attention_mask, action_mask),
-                               sequences.shape[0], sequences.device))
-    exp.rewards = algorithm.rewards(exp, hp)
-    exp.advantages, exp.returns = algorithm.advantages(exp, hp)
-    return exp

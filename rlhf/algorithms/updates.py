@@ -14,6 +14,7 @@ import torch
 
 from .experience import Experience
 from .losses import actor_loss, critic_loss, ptx_loss
+from .nonfinite import NonFiniteGuard
 
 
 class TorchEngine:
@@ -44,6 +45,13 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.gradient_accumulation_steps).backward()
 
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the next step() steps the optimizer (DeepSpeed's name)."""
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> None:
         self.micro_steps += 1
         if self.micro_steps % self.gradient_accumulation_steps:
@@ -64,27 +72,28 @@ class TorchEngine:
         return self.train(False)
 
 
-def _actor_update(actor_engine, mb, algorithm, hp, ptx_batch) -> dict[str, torch.Tensor]:
+def _actor_update(actor_engine, mb, algorithm, hp, ptx_batch, guard) -> dict[str, torch.Tensor]:
     loss, stats = actor_loss(actor_engine, mb, hp, algorithm)
     if ptx_batch is not None:
         ptx = ptx_loss(actor_engine, ptx_batch)
         loss = loss + hp.ptx_coef * ptx
         stats["ptx_loss"] = ptx.detach()
-    actor_engine.backward(loss)
-    actor_engine.step()
+    if not guard.backward_and_step(actor_engine, loss, "actor"):
+        stats["skipped_updates"] = 1.0
     return stats
 
 
-def _critic_update(critic_engine, mb, hp) -> dict[str, torch.Tensor]:
+def _critic_update(critic_engine, mb, hp, guard) -> dict[str, torch.Tensor]:
     loss, stats = critic_loss(critic_engine, mb, hp)
-    critic_engine.backward(loss)
-    critic_engine.step()
+    if not guard.backward_and_step(critic_engine, loss, "critic"):
+        stats["skipped_critic_updates"] = 1.0
     return stats
 
 
 def train_step(actor_engine, critic_engine, experience: Experience, algorithm, hp, *,
                ptx_batches: Optional[Sequence] = None,
-               generator: Optional[torch.Generator] = None) -> dict[str, float]:
+               generator: Optional[torch.Generator] = None,
+               guard: Optional[NonFiniteGuard] = None) -> dict[str, float]:
     """hp.ppo_epochs passes over the experience in minibatches of hp.train_batch_size rows;
     each minibatch updates the actor, then the critic when the algorithm has one.
 
@@ -98,26 +107,32 @@ def train_step(actor_engine, critic_engine, experience: Experience, algorithm, h
             hp.ptx_coef, is added to the actor loss (one backward and one optimizer step, where
             DeepSpeed-Chat takes a second step for it).
         generator: shuffles the rows of each epoch when given.
+        guard: skips (and counts) updates whose loss or gradient is non-finite, raising after
+            its limit in a row (kept by the caller across steps; default: skip, never raise).
 
     Returns:
         The mean over minibatches of each stat (actor_loss, clipfrac, approx_kl, entropy,
-        ratio, kl, and critic_loss, critic_clipfrac, values, ptx_loss where they apply).
+        ratio, kl, and critic_loss, critic_clipfrac, values, ptx_loss where they apply), and
+        the counts skipped_updates / skipped_critic_updates when an update was skipped.
     """
     if algorithm.needs_critic and critic_engine is None:
         raise ValueError(f"algorithm {algorithm.name!r} needs a critic engine")
     if experience.advantages is None:
         raise ValueError("the experience has no advantages: run make_experience (or "
                          "algorithm.advantages) first")
+    guard = NonFiniteGuard(limit=0) if guard is None else guard
     totals: dict[str, torch.Tensor] = defaultdict(float)
     updates = 0
     for _ in range(hp.ppo_epochs):
         for mb in experience.split(hp.train_batch_size, generator):
             ptx = ptx_batches[updates % len(ptx_batches)] if ptx_batches else None
-            stats = _actor_update(actor_engine, mb, algorithm, hp, ptx)
+            stats = _actor_update(actor_engine, mb, algorithm, hp, ptx, guard)
             if algorithm.needs_critic:
-                stats.update(_critic_update(critic_engine, mb, hp))
+                stats.update(_critic_update(critic_engine, mb, hp, guard))
             for name, value in stats.items():
                 totals[name] = totals[name] + value
             updates += 1
+    counts = ("skipped_updates", "skipped_critic_updates")
     # one host sync at the end, not one per stat per minibatch
-    return {name: float(total) / updates for name, total in totals.items()}
+    return {name: float(total) / (1 if name in counts else updates)
+            for name, total in totals.items()}

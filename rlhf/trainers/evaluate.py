@@ -48,7 +48,8 @@ def evaluate_all(cfg) -> dict:
                                 max_prompt_len=cfg.data.max_prompt_len)
         actor = load_causal_lm(actor_dir, dtype=dtype)
         reference = load_causal_lm(sft_dir, dtype=dtype) if sft_dir.exists() else None
-        scorer = (Scorer(tokenizer, reward_fn=load_reward_fn(cfg.rl.reward)) if cfg.rl.reward
+        scorer = (Scorer(tokenizer, reward_fn=load_reward_fn(cfg.rl.reward),
+                         timeout=cfg.rl.reward_timeout) if cfg.rl.reward
                   else Scorer(tokenizer, ValueModel.load(rm_dir, dtype=dtype)))
         hybrid = HybridEngine(actor, eos_token_id=eos_token_id(tokenizer),
                               pad_token_id=pad_token_id(tokenizer))

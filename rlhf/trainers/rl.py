@@ -20,6 +20,7 @@ import torch
 
 from ..algorithms import (Algorithm, Experience, RLHParams, get_algorithm, make_experience,
                           rollouts_to_keep, train_step)
+from ..algorithms.nonfinite import NonFiniteError, NonFiniteGuard
 from ..data import PromptDataset, SFTDataset, load_phase, phase_data_from_config
 from ..data.templates import eos_token_id, pad_token_id
 from ..engine import EMA, init_eval_engine, init_train_engine
@@ -56,6 +57,7 @@ class RLRun:
     ptx: Optional[tuple[SFTDataset, BatchOrder]]
     generators: dict[str, torch.Generator]
     output: str
+    guard: NonFiniteGuard           # skipped non-finite updates, across iterations
 
     @property
     def engines(self) -> dict:
@@ -101,7 +103,8 @@ def _models(cfg, algorithm):
 
 def _scorer(cfg, tokenizer) -> Scorer:
     if cfg.rl.reward:
-        return Scorer(tokenizer, reward_fn=load_reward_fn(cfg.rl.reward))
+        return Scorer(tokenizer, reward_fn=load_reward_fn(cfg.rl.reward),
+                      timeout=cfg.rl.reward_timeout)
     model = ValueModel.load(step_dir(cfg, "rm"), dtype=TORCH_DTYPES[cfg.model.dtype])
     return Scorer(tokenizer, reward_model=model)
 
@@ -159,7 +162,7 @@ def build_rl(cfg, extra_scores=None) -> RLRun:
     return RLRun(cfg, algorithm, hp, samples, tokenizer, actor, critic, reference, scorer,
                  hybrid, EMA(actor.module, r.ema_beta) if r.enable_ema else None, prompts,
                  held_out, order, iterations, _ptx_data(cfg, tokenizer), generators,
-                 f"{cfg.output}/rl")
+                 f"{cfg.output}/rl", NonFiniteGuard(cfg.max_skipped_steps, "max_skipped_steps"))
 
 
 # ---------------------------------------------------------------------------- one iteration
@@ -208,7 +211,8 @@ def update(run: RLRun, exp: Experience, it: int) -> dict[str, float]:
         ptx_batches = [to_device(collate(dataset, order.batch(it)), run.actor.device)]
     with run.hybrid.train():
         stats = train_step(run.actor, run.critic, exp, run.algorithm, run.hp,
-                           ptx_batches=ptx_batches, generator=run.generators["split"])
+                           ptx_batches=ptx_batches, generator=run.generators["split"],
+                           guard=run.guard)
     if run.ema is not None:
         run.ema.update(run.actor.module)
     return stats
@@ -298,9 +302,12 @@ def run_rl(cfg, *, resume=False, extra_scores=None):
             continue
         last = batch
         t0 = time.perf_counter()
-        exp = experience(run, batch)
-        experience_s = time.perf_counter() - t0
-        stats = update(run, exp, it)
+        try:
+            exp = experience(run, batch)
+            experience_s = time.perf_counter() - t0
+            stats = update(run, exp, it)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"rl iteration {it + 1}: {err}") from err
         metrics = _metrics(run, exp, stats, batch, dropped, experience_s)
         if r.eval_every and (it + 1) % r.eval_every == 0:
             metrics.update({f"eval_{k}": v for k, v in _evaluate(run).items()})

@@ -14,9 +14,9 @@ class Scorer:
     """The reward of a rollout: a reward model's value at the last real token, or a callable
     fn(prompts, responses) on the decoded texts. `extra` callables are logged, not optimised."""
 
-    def __init__(self, tokenizer, reward_model=None, reward_fn=None, extra=None):
+    def __init__(self, tokenizer, reward_model=None, reward_fn=None, extra=None, timeout=None):
         self.tokenizer, self.model, self.fn = tokenizer, reward_model, reward_fn
-        self.extra = dict(extra or {})
+        self.extra, self.timeout = dict(extra or {}), timeout
 
     def responses(self, sequences, action_mask, prompt_len):
         tokens = sequences[:, prompt_len:].masked_fill(~action_mask.bool(), 0).tolist()
@@ -29,13 +29,13 @@ class Scorer:
         if self.model is not None:
             return ValueModel.score_last(self.model(sequences, attention_mask), attention_mask)
         texts = self.responses(sequences, action_mask, attention_mask.shape[1] - action_mask.shape[1])
-        return score_with_fn(self.fn, prompts, texts).to(sequences.device)
+        return score_with_fn(self.fn, prompts, texts, timeout=self.timeout).to(sequences.device)
 
     def extras(self, prompts, sequences, action_mask, prompt_len) -> dict[str, float]:
         if not self.extra:
             return {}
         texts = self.responses(sequences, action_mask, prompt_len)
-        return {name: float(score_with_fn(fn, prompts, texts).mean())
+        return {name: float(score_with_fn(fn, prompts, texts, timeout=self.timeout).mean())
                 for name, fn in self.extra.items()}
 
 
