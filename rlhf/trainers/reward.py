@@ -70,10 +70,11 @@ def _rm_step(cfg) -> SupervisedStep:
         params=_param_groups(model, cfg.rm), eval_before=True)
 
 
-def run_rm(cfg, *, resume=False):
+def run_rm(cfg, *, resume=False, overwrite=False):
     """Trains step 2 and writes the reward model to step_dir(cfg, "rm"). Returns metrics
     (eval_accuracy_before, eval_accuracy, eval_margin, steps, seconds, world_size).
 
     Initialised from rm_init_path(cfg)."""
-    result, before = train_supervised(cfg, "rm", _rm_step, resume=resume)
+    result, before = train_supervised(cfg, "rm", _rm_step, resume=resume,
+                                      overwrite=overwrite)
     return {"eval_accuracy_before": before["eval_accuracy"], **result}

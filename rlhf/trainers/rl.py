@@ -27,7 +27,8 @@ from ..engine import EMA, init_eval_engine, init_train_engine
 from ..engine.hybrid import HybridEngine
 from ..models import ValueModel, load_causal_lm, save_pretrained_merged
 from ..rewards import load_reward_fn
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, restore_rng, resume_checkpoint, rng_state, save_checkpoint
+from .run_folder import RunFolderError, check_resume_config, claim_run_folder, previous_run
 from .scoring import Scorer, evaluate_policy
 from .setup import (TORCH_DTYPES, BatchOrder, collate, ds_config, load_base, step_dir, to_device,
                     world)
@@ -235,11 +236,21 @@ def _metrics(run: RLRun, exp: Experience, stats: dict, batch: Rollouts, dropped:
 # ---------------------------------------------------------------------------- the loop
 
 def _resume(run: RLRun, resume: bool) -> dict:
+    """The loop state of the latest checkpoint (engines, RNGs, EMA restored; config compared),
+    else a fresh one."""
     state = {"iteration": 0, "history": [], "eval_before": None}
-    folder = latest_checkpoint(run.output) if resume else None
+    folder = resume_checkpoint(run.output) if resume else None
     if folder is None:
+        if resume:
+            (log.warning if previous_run(run.output) else log.info)(
+                "resume: no checkpoint in %s, RL starts from iteration 0", run.output)
         return state
-    state = load_checkpoint(folder, run.engines)
+    check_resume_config(folder, run.cfg, "rl")
+    state = load_checkpoint(folder, run.engines, verify=False)  # resume_checkpoint did
+    if state["iteration"] > run.iterations:
+        raise RunFolderError(f"checkpoint {folder} is past the end of the run: rl.steps / "
+                             f"rl.epochs now give {run.iterations} iterations, it has done "
+                             f"{state['iteration']}")
     restore_rng(state["rng"], run.generators)
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
@@ -263,7 +274,7 @@ def _save(run: RLRun, step: int, tracker, state: dict) -> None:
     save_checkpoint(run.output, step, run.engines, {
         "iteration": step, "history": tracker.history, "rng": rng_state(run.generators),
         "eval_before": state["eval_before"],
-        "ema": None if run.ema is None else run.ema.state_dict()})
+        "ema": None if run.ema is None else run.ema.state_dict()}, config=run.cfg)
 
 
 def _finish(run: RLRun, state: dict, history: list, seconds: float) -> dict:
@@ -279,9 +290,17 @@ def _finish(run: RLRun, state: dict, history: list, seconds: float) -> dict:
             "history": history}
 
 
-def run_rl(cfg, *, resume=False, extra_scores=None):
-    """Trains step 3; writes the actor to <output>/rl/actor (<output>/rl/actor_ema with EMA).
+def run_rl(cfg, *, resume=False, overwrite=False, extra_scores=None):
+    """Trains step 3; writes the actor to <output>/rl/actor (<output>/rl/actor_ema with EMA),
+    holding <output>/rl locked meanwhile. A folder that holds a run is continued with `resume`
+    (from its latest checkpoint) or replaced with `overwrite`; otherwise it is refused.
     Returns metrics: eval before / after, steps, seconds, time breakdown."""
+    # the folder build_rl names run.output, claimed before the models are built
+    with claim_run_folder(f"{cfg.output}/rl", resume=resume, overwrite=overwrite):
+        return _train_rl(cfg, resume, extra_scores)
+
+
+def _train_rl(cfg, resume, extra_scores):
     r, start_time = cfg.rl, time.time()
     torch.manual_seed(cfg.seed)
     run = build_rl(cfg, extra_scores)

@@ -51,8 +51,9 @@ def _sft_step(cfg) -> SupervisedStep:
         save=save_pretrained_merged, log_lr=True)
 
 
-def run_sft(cfg, *, resume=False):
+def run_sft(cfg, *, resume=False, overwrite=False):
     """Trains step 1 and writes the model + tokenizer to step_dir(cfg, "sft"). Returns metrics
     (eval_ppl, steps, seconds, world_size)."""
-    result, _ = train_supervised(cfg, "sft", _sft_step, resume=resume)
+    result, _ = train_supervised(cfg, "sft", _sft_step, resume=resume,
+                                 overwrite=overwrite)
     return result

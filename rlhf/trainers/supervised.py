@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..algorithms.nonfinite import NonFiniteGuard
 from ..engine import init_train_engine
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, restore_rng, resume_checkpoint, rng_state, save_checkpoint
+from .run_folder import RunFolderError, check_resume_config, claim_run_folder, previous_run
 from .setup import BatchOrder, collate, ds_config, step_dir, to_device, world
 from .tracking import tracker_for
 
@@ -61,32 +63,51 @@ def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    """Each metric's mean over the step's micro-batches; `skipped` becomes the count
+    skipped_updates (only when one was skipped: a finite run logs what it always did)."""
+    skipped = sum(r.pop("skipped", False) for r in rows)
+    means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return means | ({"skipped_updates": float(skipped)} if skipped else {})
 
 
 def _fresh_state() -> dict:
     return {"micro_step": 0, "history": []}
 
 
-def _start_state(out: Path, engine, phase: str) -> dict:
-    """The loop state of the latest checkpoint (engine and RNGs restored), else a fresh one."""
-    folder = latest_checkpoint(out)
+def _start_state(cfg, phase: str, out: Path, engine, micro_steps: int) -> dict:
+    """The loop state of the latest checkpoint (engine and RNGs restored, config compared),
+    else a fresh one."""
+    folder = resume_checkpoint(out)
     if folder is None:
+        (log.warning if previous_run(out) else log.info)(
+            "resume: no checkpoint in %s, %s starts from step 0", out, phase)
         return _fresh_state()
-    state = load_checkpoint(folder, {"model": engine})
+    check_resume_config(folder, cfg, phase)
+    state = load_checkpoint(folder, {"model": engine}, verify=False)  # resume_checkpoint did
+    if state["micro_step"] > micro_steps:
+        raise RunFolderError(f"checkpoint {folder} is past the end of the run: {phase}.max_steps "
+                             f"/ {phase}.epochs now give {micro_steps} micro-batches, it has "
+                             f"done {state['micro_step']}")
     restore_rng(state["rng"], {})
     log.info("resumed %s from %s at micro-step %d", phase, folder, state["micro_step"])
     return state
 
 
 def train_supervised(cfg, phase: str, build: Callable[[Any], SupervisedStep], *,
-                     resume: bool = False) -> tuple[dict, dict | None]:
+                     resume: bool = False, overwrite: bool = False) -> tuple[dict, dict | None]:
     """Trains what `build(cfg)` describes with the settings of cfg.<phase> and writes it to
-    step_dir(cfg, phase).
+    step_dir(cfg, phase), which it holds locked meanwhile (run_folder.py). A folder that holds
+    a run is continued with `resume` (from its latest checkpoint) or replaced with `overwrite`;
+    otherwise it is refused.
 
     Returns (result, before): result = {"eval_<name>": final held-out metrics..., "steps",
     "seconds", "world_size"}; before = the held-out metrics before training (eval_ prefixed),
     or None unless the task asks for them."""
+    with claim_run_folder(step_dir(cfg, phase), resume=resume, overwrite=overwrite):
+        return _train(cfg, phase, build, resume)
+
+
+def _train(cfg, phase: str, build: Callable[[Any], SupervisedStep], resume: bool):
     s, out = getattr(cfg, phase), step_dir(cfg, phase)
     started = time.time()
     torch.manual_seed(cfg.seed)  # model initialisation is the same whatever ran before
@@ -100,7 +121,7 @@ def train_supervised(cfg, phase: str, build: Callable[[Any], SupervisedStep], *,
         cfg, lr=s.lr, weight_decay=s.weight_decay, micro_batch=s.per_device_batch_size,
         grad_accum=s.grad_accum, warmup=s.warmup, total_steps=total, scheduler=s.scheduler),
         params=task.params)
-    state = _start_state(out, engine, phase) if resume else _fresh_state()
+    state = _start_state(cfg, phase, out, engine, micro_steps) if resume else _fresh_state()
     tracker = tracker_for(cfg, out, phase, total=total, history=state["history"])
 
     def evaluate() -> dict[str, float]:
@@ -109,13 +130,13 @@ def train_supervised(cfg, phase: str, build: Callable[[Any], SupervisedStep], *,
 
     engine.train()
     before = evaluate() if task.eval_before else None
+    guard = NonFiniteGuard(cfg.max_skipped_steps, "max_skipped_steps")
     running = []
     for micro in range(state["micro_step"], micro_steps):
         batch = to_device(collate(task.train, order.batch(micro)), engine.device)
         loss, extra = task.batch_loss(engine, batch)
-        engine.backward(loss)
-        engine.step()
-        running.append({"loss": float(loss.detach()), **extra})
+        skipped = not guard.backward_and_step(engine, loss, phase)
+        running.append({"loss": float(loss.detach()), **extra, "skipped": skipped})
         if (micro + 1) % s.grad_accum:
             continue
         step = (micro + 1) // s.grad_accum
@@ -128,7 +149,8 @@ def train_supervised(cfg, phase: str, build: Callable[[Any], SupervisedStep], *,
         if s.save_every and step % s.save_every == 0 and step < total:
             tracker.flush()  # the checkpoint's history must hold every step up to this one
             save_checkpoint(out, step, {"model": engine}, {
-                "micro_step": micro + 1, "history": tracker.history, "rng": rng_state({})})
+                "micro_step": micro + 1, "history": tracker.history, "rng": rng_state({})},
+                config=cfg)
     tracker.close()
     after = evaluate()
     task.save(engine, out, task.tokenizer)
