@@ -107,3 +107,16 @@ def leaf_help(obj, prefix: str = "") -> dict[str, str]:
         else:
             out[prefix + f.name] = f"{f.metadata.get('help', '')} (default {value!r})"
     return out
+
+
+def close_key(key: str, keys) -> str | None:
+    """The known dotted key nearest to an unknown one (a typo, or the right field under the
+    wrong section: "ppo.kl_ctl" -> "rl.kl_ctl"), or None."""
+    keys = list(keys)
+    close = difflib.get_close_matches(key, keys, n=1)
+    if close:
+        return close[0]
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}  # the first key of each leaf
+    close = difflib.get_close_matches(leaf, leaves, n=1)
+    return leaves[close[0]] if close else None

@@ -94,7 +94,7 @@ def test_overrides_nested_and_dotted():
 
 @pytest.mark.parametrize("overrides, match", [
     ({"rl.kl_ctrl": 1}, r"'rl.kl_ctrl'.*did you mean 'rl.kl_ctl'.*valid keys in 'rl': algorithm"),
-    ({"modle": {"dtype": "bf16"}}, r"'modle'.*valid keys: output, seed, model"),
+    ({"modle": {"dtype": "bf16"}}, r"'modle'.*valid keys: output, seed, max_skipped_steps, model"),
     ({"seed.value": 1}, r"'seed.value'.*'seed' is not a section"),
     ({"log": {"nope": True}}, r"unknown config key 'log.nope'"),
 ])
@@ -132,7 +132,7 @@ def test_type_errors_name_the_field(overrides, match):
     ("data.data_split", "a,b,c", r"data_split"),
     ("data.data_split", "0,0,0", r"positive sum"),
     ("data.data_split", "-1,5,5", r"non-negative"),
-    ("data.eval_fraction", 1.0, r"'data.eval_fraction' must be in \[0, 1\)"),
+    ("data.eval_fraction", 1.0, r"'data.eval_fraction' must be in \(0, 1\)"),
     ("data.sources", [], r"'data.sources' must name at least one source"),
     ("data.max_prompt_len", 0, r"'data.max_prompt_len' must be >= 1"),
     ("sft.scheduler", "step", r"'sft.scheduler' must be one of cosine"),
@@ -286,3 +286,26 @@ def test_kl_estimator_and_num_samples_are_per_algorithm():
                       "reinforce": ("k1", 1)}
     with pytest.raises(ValueError, match="'rl.num_samples' must be >= 2 for grpo"):
         load_config(overrides={"rl.algorithm": "grpo", "rl.num_samples": 1})
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.1])
+def test_eval_fraction_must_leave_a_held_out_share(value):
+    # 0 used to pass here and fail later with "no records for the SFT dataset"
+    with pytest.raises(ValueError, match=r"'data.eval_fraction' must be in \(0, 1\): each step "
+                                         r"evaluates on its held-out share"):
+        load_config(overrides={"data.eval_fraction": value})
+
+
+def test_reward_help_says_the_spec_is_code():
+    parser = add_config_arguments(argparse.ArgumentParser())
+    text = " ".join(parser.format_help().split())
+    assert "module:function\" (code: the module is imported and run; the current folder is " \
+           "importable, as under python -m)" in text
+
+
+def test_close_key_finds_a_typo_or_the_field_in_another_section():
+    from rlhf.config_tree import close_key, leaf_types
+    keys = leaf_types(RunConfig)
+    assert close_key("rl.kl_ctll", keys) == "rl.kl_ctl"
+    assert close_key("ppo.cliprange_value", keys) == "rl.cliprange_value"
+    assert close_key("zzzz.qqqq", keys) is None

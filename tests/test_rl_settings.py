@@ -132,7 +132,7 @@ def test_adam_betas_reach_the_optimizer(tmp_path):
     from rlhf.trainers.setup import ds_config
     cfg = tiny_config(tmp_path, {"deepspeed.adam_betas": "0.8,0.99"})
     config = ds_config(cfg, lr=1e-3, weight_decay=0.0, micro_batch=1, grad_accum=1, warmup=0,
-                       total_steps=1, scheduler="constant")
+                       total_steps=1, scheduler="constant", warmup_key="rl.warmup")
     assert config["optimizer"]["params"]["betas"] == [0.8, 0.99]
     engine = init_train_engine(torch.nn.Linear(3, 2), config)
     assert all(tuple(g["betas"]) == (0.8, 0.99) for g in engine.optimizer.param_groups)

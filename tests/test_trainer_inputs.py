@@ -142,3 +142,66 @@ def test_unknown_key_in_a_yaml_config_is_an_argparse_error(tmp_path, capsys, com
     assert stop.value.code == 2
     assert "unknown config key 'rl.kl_ctll' (did you mean 'rl.kl_ctl'?)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes("".join(line + "\n" for line in _records(3)).encode()
+                     + b'{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{data}:4: not UTF-8 text (byte 0xe9")):
+        run_sft(tiny_config(tmp_path / "out", {"data.sources": [str(data)]}))
+
+
+def test_a_byte_that_is_not_utf8_in_a_json_file_names_its_line(tmp_path):
+    data = tmp_path / "train.json"
+    data.write_bytes(b'[{"prompt": "a",\n  "response": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=re.escape(f"{data}:2: not UTF-8 text (byte 0xe9, byte "
+                                                   f"19 of the line)")):
+        run_sft(tiny_config(tmp_path / "out", {"data.sources": [str(data)]}))
+
+
+@pytest.mark.parametrize("name", ["./no_such_model", "no_such_dir/a/b", "~/no_such_model_rlhf"])
+def test_a_local_model_path_that_does_not_exist_says_so(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"model path {name} does not exist (model.name_or_path)")):
+        run_sft(tiny_config(tmp_path / "out", {"model.name_or_path": name}))
+
+
+def test_a_path_under_an_existing_folder_is_a_path_not_a_hub_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            "model path runs/sft does not exist (model.tokenizer)")):
+        run_sft(tiny_config(tmp_path / "out", {"model.name_or_path": "runs/sft",
+                                               "model.tokenizer": "runs/sft"}))
+
+
+def test_hub_names_are_not_taken_for_paths():
+    from rlhf.models.loading import _looks_like_path
+    assert not any(map(_looks_like_path, ["gpt2", "HuggingFaceTB/SmolLM2-135M", "org/m.v-1_2"]))
+    assert all(map(_looks_like_path, ["/abs/x", "./x", "../x", "~/x", "a/b/c", "a b", "a/../b"]))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_warmup_longer_than_the_run_names_the_setting(tmp_path, scheduler):
+    with pytest.raises(ValueError, match=re.escape(
+            "sft.warmup = 50 >= the 3 optimizer steps of this run: lower sft.warmup or raise "
+            "sft.max_steps / sft.epochs")):
+        run_sft(tiny_config(tmp_path, {"sft.warmup": 50, "sft.scheduler": scheduler}))
+
+
+def test_rl_warmup_longer_than_the_run_names_the_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"rl.warmup = 50 >= the \d+ optimizer steps of this run: "
+                                         r"lower rl.warmup or raise rl.steps / rl.epochs"):
+        run_rl(tiny_config(tmp_path, {**CALLABLE_RL, "rl.warmup": 50}))
+
+
+def test_constant_schedule_with_a_long_warmup_warns(caplog):
+    from rlhf.trainers.setup import check_warmup
+    with caplog.at_level(logging.WARNING):
+        check_warmup("rm.warmup", 5, 3, "constant")
+        check_warmup("rm.warmup", 3, 3, "constant")  # the last step reaches the peak
+        check_warmup("rm.warmup", 2, 3, "cosine")
+    assert caplog.text.count("rm.warmup = 5 >= the 3 optimizer steps") == 1
+    assert "never reaches its peak" in caplog.text

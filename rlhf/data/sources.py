@@ -81,10 +81,22 @@ def _read_file(path: str) -> list[dict]:
                      f"{', '.join(FILE_SUFFIXES)})")
 
 
+def _not_utf8(path: str, data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> ValueError:
+    """ValueError naming the file, line and column of the first byte that is not UTF-8."""
+    start = data.rfind(b"\n", 0, err.start) + 1
+    lineno = first_line + data.count(b"\n", 0, err.start)
+    return ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{data[err.start]:02x}, byte "
+                      f"{err.start - start + 1} of the line); save the file as UTF-8")
+
+
 def _read_jsonl(path: str) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # decoded line by line: an encoding error names its line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, raw, err, lineno) from None
             if not line.strip():
                 continue
             try:
@@ -96,8 +108,12 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _read_json(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, data, err) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:

@@ -5,13 +5,17 @@ Special names:
         (dequantized to full precision on load; needs the `gguf` package).
     "tiny": a random Llama-style model (see `rlhf.models.tiny`); its tokenizer is trained on the
         task's texts, so `load_causal_lm("tiny", tokenizer=...)` needs that tokenizer.
-Anything else is passed to `from_pretrained` (a local folder or a hub name).
+Anything else is passed to `from_pretrained` (a local folder or a hub name); a name that is
+meant as a local path (see `_looks_like_path`) and does not exist raises FileNotFoundError
+rather than being looked up on the hub.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import math
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -48,20 +52,45 @@ def smollm2_gguf() -> tuple[Path, str]:
     return folder, files[0].name
 
 
-def _check_name(name_or_path) -> str:
+# a hub repo id: "name" or "org/name" of letters, digits, '_', '-', '.' (no "..", no "--")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Meant as a local folder: starts with '/', '.' or '~', is no hub repo id, or its parent
+    folder exists here ("runs/a/sft" with a folder runs/a)."""
+    if name.startswith((os.sep, ".", "~")) or (os.altsep and os.altsep in name):
+        return True
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def _check_name(name_or_path, setting: str | None = None) -> str:
+    """The name as a string; a local path is checked to exist (FileNotFoundError naming it and
+    `setting`, the config key it came from), rather than looked up on the hub."""
     if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
         raise ValueError(f"name_or_path must be a non-empty string or path, got {name_or_path!r}")
-    return str(name_or_path)
+    name = str(name_or_path)
+    if name in (TINY, SMOLLM2) or os.path.exists(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        where = f" ({setting})" if setting else ""
+        raise FileNotFoundError(f"model path {name} does not exist{where}")
+    return name
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str | Path, *, setting: str | None = None
+                   ) -> PreTrainedTokenizerBase:
     """Loads a tokenizer by name ("smollm2"), folder or hub name, with a pad token set.
 
     A tokenizer without a pad token gets its EOS token as pad (the attention mask, not the token
     id, tells padding apart). The tiny model's tokenizer is trained from texts: use
-    `rlhf.models.train_tokenizer` for it.
+    `rlhf.models.train_tokenizer` for it. A local path that does not exist raises
+    FileNotFoundError naming `setting` (the config key it came from, when given).
     """
-    name = _check_name(name_or_path)
+    name = _check_name(name_or_path, setting)
     if name == TINY:
         raise ValueError("the 'tiny' tokenizer is trained on the task's texts: call "
                          "rlhf.models.train_tokenizer(texts) (or load_tiny(texts)) instead")
@@ -108,7 +137,8 @@ def _match_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
 
 def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
                    gradient_checkpointing: bool = False,
-                   tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> PreTrainedModel:
+                   tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+                   setting: str | None = None) -> PreTrainedModel:
     """Loads a causal LM by special name, folder or hub name.
 
     Args:
@@ -120,11 +150,13 @@ def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float
             vocabulary); otherwise its pad / EOS ids are copied into the model's configs and the
             embeddings grow if the tokenizer has more tokens than the model.
         seed: seeds the weights of "tiny"; unused otherwise.
+        setting: the config key `name_or_path` came from, named by the FileNotFoundError of a
+            local path that does not exist.
 
     Returns:
         The model on the CPU, in eval mode (the training engine switches it to train mode).
     """
-    name = _check_name(name_or_path)
+    name = _check_name(name_or_path, setting)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if name == TINY:

@@ -116,7 +116,7 @@ def _engines(cfg, actor, critic, reference, scorer, iterations, rollouts):
     r = cfg.rl
     updates = iterations * r.ppo_epochs * max(rollouts // r.train_batch_size, 1) // r.grad_accum
     common = dict(micro_batch=r.train_batch_size, grad_accum=r.grad_accum, warmup=r.warmup,
-                  total_steps=updates, scheduler=r.scheduler)
+                  total_steps=updates, scheduler=r.scheduler, warmup_key="rl.warmup")
     actor = init_train_engine(actor, ds_config(
         cfg, lr=r.actor_lr, weight_decay=r.actor_weight_decay, **common))
     critic = None if critic is None else init_train_engine(critic, ds_config(

@@ -50,18 +50,47 @@ def load_base(cfg, name_or_path: str | Path, *, trainable=True):
         tokenizer = train_tokenizer(_corpus(cfg))
         model = load_causal_lm("tiny", tokenizer=tokenizer, seed=cfg.seed)
     else:
-        tokenizer = load_tokenizer(m.tokenizer or name_or_path)
+        # the config key a missing local path came from, for its error
+        setting = "model.name_or_path" if str(name_or_path) == m.name_or_path else None
+        tokenizer = load_tokenizer(m.tokenizer or name_or_path,
+                                   setting="model.tokenizer" if m.tokenizer else setting)
         model = load_causal_lm(name_or_path, dtype=TORCH_DTYPES[m.dtype], tokenizer=tokenizer,
-                               gradient_checkpointing=m.gradient_checkpointing and trainable)
+                               gradient_checkpointing=m.gradient_checkpointing and trainable,
+                               setting=setting)
     if trainable and m.lora_dim > 0:
         apply_lora(model, m.lora_dim, m.lora_alpha, m.lora_dropout, list(m.lora_target_modules))
     return tokenizer, model
 
 
+# the settings that lengthen a step's run, by config section
+_RUN_LENGTH = {"sft": "sft.max_steps / sft.epochs", "rm": "rm.max_steps / rm.epochs",
+               "rl": "rl.steps / rl.epochs"}
+
+
+def check_warmup(key: str, warmup: int, total_steps: int, scheduler: str) -> None:
+    """A warm-up of at least the run's optimizer steps: ValueError naming `key` ("sft.warmup")
+    for cosine / linear, whose decay would never start; a warning for constant."""
+    if warmup <= 0 or warmup < total_steps:
+        return
+    length = _RUN_LENGTH.get(key.split(".")[0], "the step's max_steps / epochs")
+    message = (f"{key} = {warmup} >= the {total_steps} optimizer steps of this run: lower "
+               f"{key} or raise {length}")
+    if scheduler != "constant":
+        raise ValueError(message)
+    if warmup > total_steps:  # constant: at warmup == total_steps the last step reaches the lr
+        log.warning("%s (the learning rate never reaches its peak)", message)
+
+
 def ds_config(cfg, *, lr, weight_decay, micro_batch, grad_accum, warmup, total_steps, scheduler,
-              inference=False, offload=None):
-    """The DeepSpeed config of one model of the run (`offload` None: deepspeed.offload)."""
+              inference=False, offload=None, warmup_key=None):
+    """The DeepSpeed config of one model of the run (`offload` None: deepspeed.offload).
+    `warmup_key` ("sft.warmup") names `warmup` in the error of a warm-up that does not fit in
+    `total_steps` (a trained model's config needs it)."""
     d = cfg.deepspeed
+    if not inference:
+        if warmup_key is None:
+            raise TypeError("ds_config of a trained model needs warmup_key (e.g. 'sft.warmup')")
+        check_warmup(warmup_key, warmup, max(total_steps, 1), scheduler)
     return make_ds_config(stage=d.zero_stage, offload=d.offload if offload is None else offload,
                           dtype=cfg.model.dtype, micro_batch=micro_batch, grad_accum=grad_accum,
                           lr=lr, weight_decay=weight_decay, warmup_steps=warmup,

@@ -119,7 +119,8 @@ def _train(cfg, phase: str, build: Callable[[Any], SupervisedStep], resume: bool
     total = micro_steps // s.grad_accum
     engine = init_train_engine(task.model, ds_config(
         cfg, lr=s.lr, weight_decay=s.weight_decay, micro_batch=s.per_device_batch_size,
-        grad_accum=s.grad_accum, warmup=s.warmup, total_steps=total, scheduler=s.scheduler),
+        grad_accum=s.grad_accum, warmup=s.warmup, total_steps=total, scheduler=s.scheduler,
+        warmup_key=f"{phase}.warmup"),
         params=task.params)
     state = _start_state(cfg, phase, out, engine, micro_steps) if resume else _fresh_state()
     tracker = tracker_for(cfg, out, phase, total=total, history=state["history"])
