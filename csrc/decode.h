@@ -18,6 +18,10 @@
 // (under softmax(z) over the full vocabulary); the token is the inverse CDF of the kept,
 // renormalised distribution at u, walking the vocabulary in index order. Returns tokens [B]
 // int64 and logprobs [B] float32 = log_softmax(z)[token] over the full vocabulary.
+// Non-finite z: the rule stated in rlhf_kernels/reference/sample.py. A row holding +inf is
+// sampled as if z were 0 at its +inf tokens and -inf elsewhere (log-prob -log(count)); a row
+// holding NaN gets token -1, one that is -inf everywhere token -2, both log-prob NaN. The
+// kernels never raise (no host sync: CUDA graphs); the Python callers check the tokens.
 #pragma once
 #include <torch/extension.h>
 

@@ -10,8 +10,9 @@ from ._backends import BackendUnavailable
 from .ops import (PPOActorOutput, PPOCriticOutput, decode_attention, fused_linear_logprobs,
                   fused_linear_ppo_actor_loss, gae, logprobs, ppo_actor_loss, ppo_critic_loss,
                   sample)
+from .reference.sample import NonFiniteLogitsError
 
 __version__ = "0.1.0"
-__all__ = ["gae", "logprobs", "decode_attention", "sample", "ppo_actor_loss", "ppo_critic_loss", "fused_linear_logprobs",
-           "fused_linear_ppo_actor_loss", "PPOActorOutput", "PPOCriticOutput",
-           "BackendUnavailable", "__version__"]
+__all__ = ["gae", "logprobs", "decode_attention", "sample", "ppo_actor_loss", "ppo_critic_loss",
+           "fused_linear_logprobs", "fused_linear_ppo_actor_loss", "PPOActorOutput",
+           "PPOCriticOutput", "BackendUnavailable", "NonFiniteLogitsError", "__version__"]

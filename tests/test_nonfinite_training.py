@@ -148,3 +148,23 @@ def test_supervised_steps_skip_non_finite_losses(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "again", {"sft.max_steps": 4, "max_skipped_steps": 1})
     with pytest.raises(NonFiniteError, match="non-finite sft loss.*max_skipped_steps"):
         sft.run_sft(cfg)
+
+
+def test_a_nan_policy_in_the_rollout_names_the_iteration_and_settings(monkeypatch):
+    from rlhf_kernels import NonFiniteLogitsError
+    ones = torch.ones(2, 3, dtype=torch.long)
+    monkeypatch.setattr(rl_trainer, "collate", lambda dataset, rows: {
+        "input_ids": ones, "attention_mask": ones, "prompts": ["a", "b"]})
+
+    def generate(*args, **kwargs):
+        raise NonFiniteLogitsError("generate: the logits of sequence(s) [1] hold NaN")
+
+    rl = types.SimpleNamespace(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0)
+    run = types.SimpleNamespace(cfg=types.SimpleNamespace(rl=rl), samples_per_prompt=1,
+                                actor=types.SimpleNamespace(device="cpu"), prompts=None,
+                                order=types.SimpleNamespace(batch=lambda it: [0, 1]),
+                                hybrid=types.SimpleNamespace(generate=generate),
+                                generators={"sample": None})
+    with pytest.raises(NonFiniteError, match=r"rl iteration 3: rollout: generate: .*hold NaN.*"
+                                             r"rl.actor_lr"):
+        rl_trainer.rollout(run, 2)

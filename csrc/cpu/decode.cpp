@@ -5,7 +5,9 @@
 // weighted sum of V, all in float32, vectorised over the head dim (8-lane AVX2 build and a
 // 4-lane baseline, vec_math.h). Sampling: one task per row; top-k through nth_element,
 // top-p through a sort of the probabilities (V log V is small next to a decode step), then
-// the inverse CDF of the kept tokens in index order.
+// the inverse CDF of the kept tokens in index order. Non-finite z follow the rule of
+// rlhf_kernels/reference/sample.py: a row holding NaN (or -inf everywhere) is marked with
+// token -1 (-2) and log-prob NaN, a row holding +inf is sampled uniformly over its +inf tokens.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -150,6 +152,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
   check_same(v_cache, q, "v_cache");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK(Hkv > 0 && D > 0, "decode_attention_cpu: need at least one KV head and D >= 1");
   TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D && Hq % Hkv == 0,
               "decode_attention_cpu: cache shape does not match q");
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.numel() == B,
@@ -217,12 +220,36 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, double t
   float* lp = logp.data_ptr<float>();
   const float inv_t = static_cast<float>(1.0 / temperature);
   const bool v3 = rlhf_cpu::cpu_has_v3();
+  constexpr float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> z(V), p(V), tmp;
     for (int64_t b = lo; b < hi; ++b) {
       float m;
-      const double sum = v3 ? exp_row_v3(zp + b * V, inv_t, z.data(), p.data(), V, &m)
-                            : exp_row<4>(zp + b * V, inv_t, z.data(), p.data(), V, &m);
+      double sum = v3 ? exp_row_v3(zp + b * V, inv_t, z.data(), p.data(), V, &m)
+                      : exp_row<4>(zp + b * V, inv_t, z.data(), p.data(), V, &m);
+      // Non-finite z (the rule: rlhf_kernels/reference/sample.py). The max above skips NaN (a
+      // compare with NaN is false), so NaN is looked for here: a NaN row has no distribution,
+      // and the sort below would be undefined on it (its tie loop used to spin forever).
+      bool has_nan = false;
+      int64_t n_inf = 0;
+      for (int64_t j = 0; j < V; ++j) {
+        has_nan |= std::isnan(z[j]);
+        n_inf += z[j] == inf;
+      }
+      if (has_nan || m == -inf) {  // NaN, or no NaN and no z above -inf: an error row
+        tp[b] = has_nan ? -1 : -2;
+        lp[b] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      if (n_inf > 0) {  // the +inf tokens share the mass: z = 0 there, -inf elsewhere
+        for (int64_t j = 0; j < V; ++j) {
+          const bool top = z[j] == inf;
+          z[j] = top ? 0.f : -inf;
+          p[j] = top ? 1.f : 0.f;
+        }
+        m = 0.f;
+        sum = static_cast<double>(n_inf);
+      }
       for (int64_t j = 0; j < V; ++j) p[j] = static_cast<float>(p[j] / sum);
       const float lse = m + static_cast<float>(std::log(sum));
       // kept: z >= z_kth (top-k, ties kept) and p >= p_min (top-p: strictly-above mass < top_p)
@@ -240,7 +267,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, double t
         for (int64_t i = 0; i < V;) {
           int64_t j = i;
           double group = 0;
-          while (j < V && tmp[j] == tmp[i]) group += tmp[j++];
+          // do-while: each group takes at least its first element, so the walk always moves on
+          do group += tmp[j++];
+          while (j < V && tmp[j] == tmp[i]);
           if (above >= top_p) break;
           p_min = tmp[i];
           above += group;
@@ -249,8 +278,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, double t
       }
       double total = 0;
       int64_t last = 0;
+      // a kept token of probability 0 (underflow, or not +inf in a +inf row) is never returned
       for (int64_t j = 0; j < V; ++j)
-        if (z[j] >= z_kth && p[j] >= p_min) total += p[j], last = j;
+        if (z[j] >= z_kth && p[j] >= p_min && p[j] > 0.f) total += p[j], last = j;
       const double target = static_cast<double>(up[b]) * total;
       double cum = 0;
       int64_t token = last;  // rounding at the top of the cdf: the last kept token

@@ -33,6 +33,10 @@
 // then scans chunks of the row in index order (block prefix sum over 4 consecutive elements
 // per thread): one pass for the kept total W, one to find the first index whose cumulative kept
 // mass exceeds u * W; if rounding leaves no crossing, the last kept index is returned.
+// Non-finite z (the rule: rlhf_kernels/reference/sample.py): pass 1 also counts NaN and +inf. An
+// error row (NaN, or -inf everywhere) gets token -1 / -2 and log-prob NaN and its CTA stops
+// there (the decision is block-uniform); in a row holding +inf every later read sees z = 0 at
+// the +inf tokens and -inf elsewhere (load_z), m = 0 and S = their count.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -46,6 +50,7 @@
 namespace {
 
 constexpr float NEG_INF = -__builtin_huge_valf();
+constexpr float POS_INF = __builtin_huge_valf();
 
 template <typename T>
 struct alignas(16) Pack {
@@ -273,11 +278,20 @@ __device__ __forceinline__ uint32_t order_key(float z) {  // monotone: z1 < z2 <
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// z of token i; in a row holding +inf (inf_row), 0 at the +inf tokens and -inf elsewhere: they
+// share the mass uniformly (rlhf_kernels/reference/sample.py)
+template <typename T>
+__device__ __forceinline__ float load_z(const T* x, int i, float inv_t, bool inf_row) {
+  const float z = static_cast<float>(x[i]) * inv_t;
+  return inf_row ? (z == POS_INF ? 0.f : NEG_INF) : z;
+}
+
 // Largest t with f(t) = sum of weight(x) over key(x) >= t at least `target` (0 when even f(0)
 // falls short); weight 1 counts, weight exp(z - m) in 2^-40 fixed point weighs mass.
 template <typename T, bool MASS>
-__device__ uint32_t radix_select(const T* x, int V, float inv_t, float m, double target,
-                                 unsigned long long* hist, unsigned long long* sh) {
+__device__ uint32_t radix_select(const T* x, int V, float inv_t, bool inf_row, float m,
+                                 double target, unsigned long long* hist,
+                                 unsigned long long* sh) {
   uint32_t prefix = 0;
   unsigned long long above = 0;  // f over keys above the current prefix range
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -285,7 +299,7 @@ __device__ uint32_t radix_select(const T* x, int V, float inv_t, float m, double
     __syncthreads();
     const uint32_t hi_mask = shift == 24 ? 0u : ~((1u << (shift + 8)) - 1u);
     for (int i = threadIdx.x; i < V; i += SMP_THREADS) {
-      const float z = static_cast<float>(x[i]) * inv_t;
+      const float z = load_z(x, i, inv_t, inf_row);
       const uint32_t key = order_key(z);
       if ((key & hi_mask) != prefix) continue;
       const unsigned long long w =
@@ -342,8 +356,9 @@ __device__ float block_scan(float v, float* warp_sums, float* total) {
 // Walks the kept tokens in index order. Returns the first index whose cumulative kept mass
 // exceeds target (-1 if none) and sets *w_total / *last_kept.
 template <typename T>
-__device__ int walk(const T* x, int V, float inv_t, float m, uint32_t thr, float target,
-                    float* w_total, int* last_kept, float* warp_sums, float* sh_f, int* sh_i) {
+__device__ int walk(const T* x, int V, float inv_t, bool inf_row, float m, uint32_t thr,
+                    float target, float* w_total, int* last_kept, float* warp_sums, float* sh_f,
+                    int* sh_i) {
   float base = 0.f;
   if (threadIdx.x == 0) sh_i[0] = INT_MAX, sh_i[1] = -1;
   __syncthreads();
@@ -355,7 +370,7 @@ __device__ int walk(const T* x, int V, float inv_t, float m, uint32_t thr, float
     for (int j = 0; j < WALK_E; ++j) {
       e[j] = 0.f;
       if (i0 + j < V) {
-        const float z = static_cast<float>(x[i0 + j]) * inv_t;
+        const float z = load_z(x, i0 + j, inv_t, inf_row);
         if (order_key(z) >= thr) e[j] = expf(z - m);
         if (e[j] > 0.f) last = i0 + j;  // an underflowed kept token is never returned
       }
@@ -390,43 +405,69 @@ __global__ void __launch_bounds__(SMP_THREADS) sample_kernel(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __shared__ unsigned long long hist[256], sh[3];
   __shared__ float warp_m[SMP_WARPS], warp_s[SMP_WARPS], warp_sums[SMP_WARPS], sh_f[1];
-  __shared__ int sh_i[2];
+  __shared__ int sh_i[2], sh_nan, sh_inf;
 
-  // pass 1: max, then sum exp(z - m) (two reads of the row, but no rescaling per element)
+  // pass 1: max of the finite z and the NaN / +inf counts, then sum exp(z - m) (two reads of
+  // the row, but no rescaling per element)
+  if (threadIdx.x == 0) sh_nan = 0, sh_inf = 0;
+  __syncthreads();
   float m = NEG_INF;
-  for (int i = threadIdx.x; i < V; i += SMP_THREADS) m = fmaxf(m, static_cast<float>(x[i]) * inv_t);
+  int n_nan = 0, n_inf = 0;
+  for (int i = threadIdx.x; i < V; i += SMP_THREADS) {
+    const float z = static_cast<float>(x[i]) * inv_t;
+    if (isnan(z)) ++n_nan;
+    else if (z == POS_INF) ++n_inf;
+    else m = fmaxf(m, z);
+  }
+  if (n_nan) atomicAdd(&sh_nan, n_nan);
+  if (n_inf) atomicAdd(&sh_inf, n_inf);
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   if (lane == 0) warp_m[warp] = m;
   __syncthreads();
   m = NEG_INF;
   for (int w = 0; w < SMP_WARPS; ++w) m = fmaxf(m, warp_m[w]);
+  const int row_nan = sh_nan, row_inf = sh_inf;  // read after the barrier: block-uniform
+  if (row_nan || (row_inf == 0 && m == NEG_INF)) {  // error row: no distribution to sample
+    if (threadIdx.x == 0) {
+      tokens[row] = row_nan ? -1 : -2;
+      logps[row] = __int_as_float(0x7fc00000);  // NaN
+    }
+    return;  // the whole CTA: no barrier is left waiting
+  }
+  const bool inf_row = row_inf > 0;
   float s = 0.f;
-  for (int i = threadIdx.x; i < V; i += SMP_THREADS) s += expf(static_cast<float>(x[i]) * inv_t - m);
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  if (lane == 0) warp_s[warp] = s;
-  __syncthreads();
-  s = 0.f;
-  for (int w = 0; w < SMP_WARPS; ++w) s += warp_s[w];  // fixed order: deterministic
+  if (inf_row) {  // z = 0 at the +inf tokens, -inf elsewhere (load_z)
+    m = 0.f;
+    s = static_cast<float>(row_inf);
+  } else {
+    for (int i = threadIdx.x; i < V; i += SMP_THREADS) s += expf(static_cast<float>(x[i]) * inv_t - m);
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) warp_s[warp] = s;
+    __syncthreads();
+    s = 0.f;
+    for (int w = 0; w < SMP_WARPS; ++w) s += warp_s[w];  // fixed order: deterministic
+  }
 
   uint32_t thr = 0;
   if (top_k > 0 && top_k < V)
-    thr = radix_select<T, false>(x, V, inv_t, m, static_cast<double>(top_k), hist, sh);
+    thr = radix_select<T, false>(x, V, inv_t, inf_row, m, static_cast<double>(top_k), hist, sh);
   if (top_p < 1.f) {
     // the exact fixed-point total comes from the first histogram pass; S * 2^40 is within
     // V * 2^-40 relative of it, far below the resolution that matters for top_p
     const double target = static_cast<double>(top_p) * static_cast<double>(s) * FIX_ONE;
-    thr = max(thr, radix_select<T, true>(x, V, inv_t, m, target, hist, sh));
+    thr = max(thr, radix_select<T, true>(x, V, inv_t, inf_row, m, target, hist, sh));
   }
 
   float w_total;
   int last_kept;
-  walk(x, V, inv_t, m, thr, __builtin_huge_valf(), &w_total, &last_kept, warp_sums, sh_f, sh_i);
+  walk(x, V, inv_t, inf_row, m, thr, POS_INF, &w_total, &last_kept, warp_sums, sh_f, sh_i);
   const float u = uniforms[row];
-  int tok = walk(x, V, inv_t, m, thr, u * w_total, &w_total, &last_kept, warp_sums, sh_f, sh_i);
+  int tok = walk(x, V, inv_t, inf_row, m, thr, u * w_total, &w_total, &last_kept, warp_sums,
+                 sh_f, sh_i);
   if (threadIdx.x == 0) {
     if (tok < 0) tok = max(last_kept, 0);  // rounding left the walk short: last kept token
     tokens[row] = tok;
-    logps[row] = (static_cast<float>(x[tok]) * inv_t - m) - logf(s);
+    logps[row] = (load_z(x, tok, inv_t, inf_row) - m) - logf(s);
   }
 }
 

@@ -164,7 +164,7 @@ def make_experience(generation, prompt_mask, *, actor, reference, reward_fn: Cal
         old = generation.logprobs
     else:
         old = response_logprobs(actor, *args, temperature=hp.temperature)
-    check_finite("the policy's log-probs are", old, action_mask, _DIVERGED_ACTOR)
+    check_finite("the policy's log-probs are", old, action_mask, DIVERGED_ACTOR)
     ref = values = None
     if reference is not None:
         ref = response_logprobs(reference, *args, temperature=hp.temperature)
@@ -188,7 +188,7 @@ def make_experience(generation, prompt_mask, *, actor, reference, reward_fn: Cal
     return exp
 
 
-_DIVERGED_ACTOR = ("the actor has diverged: lower rl.actor_lr, check model.dtype (fp16 "
+DIVERGED_ACTOR = ("the actor has diverged: lower rl.actor_lr, check model.dtype (fp16 "
                    "overflows first) and rl.temperature")
 
 

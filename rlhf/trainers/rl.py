@@ -18,8 +18,11 @@ from typing import Any, Optional
 
 import torch
 
+from rlhf_kernels import NonFiniteLogitsError
+
 from ..algorithms import (Algorithm, Experience, RLHParams, get_algorithm, make_experience,
                           rollouts_to_keep, train_step)
+from ..algorithms.experience import DIVERGED_ACTOR
 from ..algorithms.nonfinite import NonFiniteError, NonFiniteGuard
 from ..data import PromptDataset, SFTDataset, load_phase, phase_data_from_config
 from ..data.templates import eos_token_id, pad_token_id
@@ -174,9 +177,12 @@ def rollout(run: RLRun, it: int) -> Rollouts:
     batch = collate(run.prompts, run.order.batch(it))
     ids = batch["input_ids"].repeat_interleave(n, 0).to(device)
     mask = batch["attention_mask"].repeat_interleave(n, 0).to(device)
-    gen = run.hybrid.generate(ids, mask, max_new_tokens=r.max_new_tokens,
-                              temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                              generator=run.generators["sample"])
+    try:
+        gen = run.hybrid.generate(ids, mask, max_new_tokens=r.max_new_tokens,
+                                  temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                  generator=run.generators["sample"])
+    except NonFiniteLogitsError as err:
+        raise NonFiniteError(f"rl iteration {it + 1}: rollout: {err}; {DIVERGED_ACTOR}") from err
     return Rollouts([p for p in batch["prompts"] for _ in range(n)], mask, gen)
 
 

@@ -8,6 +8,12 @@
 Every step has the same shapes and touches only preallocated tensors, so on CUDA it is
 captured once as a CUDA graph and replayed. Without a graph (the CPU), finished rows are
 dropped from the batch instead. Models with no adapter go through HF `generate`.
+
+Non-finite logits follow the rule in rlhf_kernels/reference/sample.py: the sampler marks a row
+holding NaN (or -inf everywhere) with a token < 0 and never syncs; the loop ends that sequence
+(its next input is the pad token, a valid id) and raises ValueError naming the sequences at the
+next host check it already does (every 16 steps on CUDA, every step on the CPU) or at the end,
+instead of returning pads or garbage.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import decode as decode_ops
+from ..reference import sample as ref_sample
 from .adapters import adapter_for, unwrap
 from .adapters.attention import DecodeAttention, PrefillAttention
 from .cache import StaticKVCache
@@ -69,6 +76,27 @@ def _check_prompts(input_ids, attention_mask):
     return mask
 
 
+def _check_token_ids(model, input_ids):
+    """Token ids outside the embedding table are an index error on the CPU and a device-side
+    assert on CUDA (which poisons the whole context): check them on the host first."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab)
+    if bool(bad.any()):
+        rows = bad.any(-1).nonzero().flatten().tolist()
+        first = input_ids[bad][0].item()
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary): "
+                         f"prompts {rows} hold ids outside it (e.g. {first}); padding "
+                         f"positions are embedded too, so pad with a valid id")
+
+
 def _eos_tensor(model, eos_token_id, device):
     if eos_token_id is None:
         config = getattr(model, "generation_config", None) or model.config
@@ -95,6 +123,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
     model = unwrap(model)
     mask = _check_prompts(input_ids, attention_mask)
+    _check_token_ids(model, input_ids)
     eos = _eos_tensor(model, eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = getattr(model.generation_config, "pad_token_id", None)
@@ -111,6 +140,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
         response, logp, response_mask = hf_generate(
             model, input_ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_ids=eos, pad_token_id=pad_token_id)
+        # HF's greedy path picks a token from NaN logits without a word: the log-probs of the
+        # teacher-forced forward show it
+        nan_rows = (torch.isnan(logp) & (response_mask != 0)).any(-1)
+        if bool(nan_rows.any()):
+            raise ref_sample.NonFiniteLogitsError(
+                f"generate: sequences {nan_rows.nonzero().flatten().tolist()} got "
+                f"NaN log-probs: the model produced NaN logits (look for NaN or "
+                f"inf in its weights, inputs or activations)")
         return GenerationOutput(torch.cat([input_ids, response], 1), logp, response_mask,
                                 f"fallback: {why}")
     total = prompt_len + max_new_tokens
@@ -179,10 +216,9 @@ class _Decoder:
         return replay
 
     def choose(self, logits, temperature, top_k, top_p, generator):
+        """(tokens, log-probs); a token < 0 marks an error row (reference/sample.py)."""
         if temperature == 0:
-            tokens = logits.argmax(-1)
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
-            return tokens, logp
+            return ref_sample.greedy(logits)
         uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
         return self.sample(logits, temperature, top_k, top_p, uniforms)
 
@@ -207,11 +243,19 @@ class _Decoder:
         alive = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         rows = torch.arange(batch, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        # per original row: the sampler's error code (< 0, reference/sample.py) and the step
+        errors = torch.zeros(batch, dtype=torch.long, device=device)
+        error_step = torch.zeros(batch, dtype=torch.long, device=device)
         step = None
         logits = self.prefill()
         check_every = 16 if device.type == "cuda" else 1   # all-finished test = a host sync
         for t in range(max_new_tokens):
             token, token_logp = self.choose(logits, temperature, top_k, top_p, generator)
+            # an error row ends its sequence: no token < 0 is stored or fed to the embedding
+            failed = (token < 0) & ~finished
+            errors[rows] = torch.where(failed, token, errors[rows])
+            error_step[rows] = torch.where(failed, t, error_step[rows])
+            finished |= failed
             tokens[rows, t] = torch.where(finished, pad_token_id, token)
             logp[rows, t] = torch.where(finished, 0.0, token_logp.float())
             alive[rows, t] = (~finished).long()
@@ -219,7 +263,11 @@ class _Decoder:
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % check_every == 0:
-                running = int((~finished).sum())
+                # one host sync for both, as before: running sequences and error rows
+                running, failures = torch.stack([(~finished).sum(),
+                                                 (errors != 0).sum()]).tolist()
+                if failures:
+                    _raise_sampling_errors(errors, error_step)
                 if running == 0:
                     break
                 if not self.use_graph and running <= len(rows) * 3 // 4:
@@ -232,6 +280,17 @@ class _Decoder:
             logits = step()
             self.length += 1
             self.position += 1
+        if bool((errors != 0).any()):
+            _raise_sampling_errors(errors, error_step)
         # as HF: the responses end at the last step where some sequence was still running
         steps = int(alive.any(0).nonzero().max()) + 1
         return tokens[:, :steps], logp[:, :steps], alive[:, :steps]
+
+
+def _raise_sampling_errors(errors, error_step):
+    """NonFiniteLogitsError naming the sequences whose logits broke the sampling rule, and
+    when."""
+    steps = error_step[errors != 0].cpu()
+    raise ref_sample.NonFiniteLogitsError(
+        f"generate: {ref_sample.row_errors(errors, 'the logits of sequence(s)')} "
+        f"(first at new token {int(steps.min())})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -15,6 +16,32 @@ def float_tensor(name: str, x) -> torch.Tensor:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), "
                         f"got {x.dtype}")
+    return x
+
+
+def real_tensors(op: str, **tensors) -> None:
+    """A clear error for meta tensors (shapes, no data): the value checks and the kernels of
+    `op` read data, and would otherwise fail deep inside with an error naming neither."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            raise ValueError(f"{op}: {name} is a meta tensor (a shape with no data); "
+                             f"{op} reads values, so it needs tensors on a real device "
+                             f"(cpu or cuda)")
+
+
+def number(name: str, x, *, finite: bool = False) -> float:
+    """x as a float; int, float, numpy scalars and one-element real tensors pass, anything
+    else (a string, None, a list...) is an error naming the argument, not float()'s."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_complex() or x.is_meta:
+            raise TypeError(f"{name} must be a real number, got a tensor of shape "
+                            f"{tuple(x.shape)} and dtype {x.dtype}")
+        x = x.item()
+    if not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if finite and not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x}")
     return x
 
 
@@ -43,7 +70,7 @@ def mask_tensor(name: str, mask, shape: torch.Size) -> torch.Tensor:
 
 
 def unit_interval(name: str, x) -> float:
-    x = float(x)
+    x = number(name, x)
     if not (0.0 <= x <= 1.0) or math.isnan(x):
         raise ValueError(f"{name} must be in [0, 1], got {x}")
     return x

@@ -6,7 +6,9 @@
         -> (tokens [B] int64, logprobs [B] float32)
 
 These public entry points check values (lengths within the cache...), which costs a host sync
-on GPU; the generation loop calls the kernels directly with tensors it built itself.
+on GPU; the generation loop calls the kernels directly with tensors it built itself. Non-finite
+logits follow the rule in rlhf_kernels/reference/sample.py: `sample` raises ValueError naming
+the rows that hold NaN (or are -inf everywhere); the kernels only mark them (token < 0).
 """
 from __future__ import annotations
 
@@ -44,12 +46,18 @@ def _kernel(op, name):
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *,
                      cache_start=None, softmax_scale=None, backend="auto"):
+    # the length checks below read values: meta tensors have none
+    _checks.real_tensors("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache,
+                         cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new,
+                         cache_start=cache_start)
     q = _checks.float_tensor("q", q)
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     batch, hq, dim = q.shape
     if batch == 0:
         raise ValueError("q is empty: the batch has no sequence")
+    if dim == 0:  # the default scale 1 / sqrt(D) would divide by zero
+        raise ValueError(f"q has head dim D = 0 (shape {tuple(q.shape)}): attention needs D >= 1")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _checks.float_tensor(name, cache)
         if cache.dim() != 4 or cache.shape[0] != batch or cache.shape[3] != dim:
@@ -63,6 +71,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache "
                          f"{tuple(k_cache.shape)}")
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    if hkv == 0:
+        raise ValueError(f"k_cache has no KV head (shape {tuple(k_cache.shape)})")
     if hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of the cache's KV heads ({hkv})")
     device = _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache)
@@ -86,7 +96,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
         cache_start = _int_vector("cache_start", cache_start, batch, device)
         if bool((cache_start.cpu() < 0).any()):
             raise ValueError("cache_start must be >= 0")
-    scale = 1.0 / math.sqrt(dim) if softmax_scale is None else float(softmax_scale)
+    scale = (1.0 / math.sqrt(dim) if softmax_scale is None
+             else _checks.number("softmax_scale", softmax_scale, finite=True))
     kernel = attention_kernel(backend, device, dim)
     return kernel(q.contiguous(), k_cache, v_cache, lengths, k_new, v_new, cache_start, scale)
 
@@ -132,14 +143,23 @@ def sample_kernel(backend, device):
 
 def check_sampling(temperature, top_k, top_p):
     """Validated (temperature, top_k, top_p) as (float, int, float)."""
-    temperature = float(temperature)
+    temperature = _checks.number("temperature", temperature)
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if int(top_k) != top_k or top_k < 0:
+    top_k_value = _checks.number("top_k", top_k)
+    if int(top_k_value) != top_k_value or top_k_value < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-    if not 0.0 < float(top_p) <= 1.0:
+    top_p = _checks.number("top_p", top_p)
+    if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    return temperature, int(top_k), float(top_p)
+    return temperature, int(top_k_value), top_p
+
+
+def raise_for_error_rows(tokens, what="logits row(s)"):
+    """NonFiniteLogitsError (a ValueError) naming the error rows (NaN, or -inf everywhere) the
+    sampler marked in `tokens`; one host sync."""
+    if bool((tokens < 0).any()):
+        raise ref_sample.NonFiniteLogitsError(f"sample: {ref_sample.row_errors(tokens, what)}")
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backend="auto"):
@@ -147,7 +167,16 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backe
     if logits.dim() != 2 or logits.numel() == 0:
         raise ValueError(f"logits must be a non-empty [B, V], got shape {tuple(logits.shape)}")
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    if logits.is_meta:
+        # no data, so no kernel and no row check; the torch reference gives the shapes
+        if backend not in ("auto", "torch"):
+            _checks.real_tensors(f"sample (backend={backend!r})", logits=logits)
+        return ref_sample.sample(logits, temperature, top_k, top_p)
     if temperature == 0:  # greedy: no kernel needed
-        return ref_sample.sample(logits, 0.0)
-    uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-    return sample_kernel(backend, logits.device)(logits, temperature, top_k, top_p, uniforms)
+        tokens, logp = ref_sample.greedy(logits)
+    else:
+        uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        tokens, logp = sample_kernel(backend, logits.device)(logits, temperature, top_k, top_p,
+                                                             uniforms)
+    raise_for_error_rows(tokens)
+    return tokens, logp

@@ -173,6 +173,7 @@ def _run(flat_h, weight, labels, temperature, with_entropy, chunk, backend):
 
 def fused_linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=False,
                           chunk_size=None, backend="auto"):
+    _checks.real_tensors("fused_linear_logprobs", hidden=hidden, weight=weight, labels=labels)
     flat_h, weight, flat_y, chunk = _prepare(hidden, weight, labels, None, chunk_size)
     temperature = check_temperature(temperature)
     logp, ent = _run(flat_h, weight, flat_y, temperature, return_entropy, chunk, backend)
@@ -186,6 +187,9 @@ def fused_linear_ppo_actor_loss(hidden, weight, labels, old_logprobs, advantages
                                 kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
                                 temperature=1.0, agg="token-mean", ratio_clamp=20.0,
                                 chunk_size=None, backend="auto") -> PPOActorOutput:
+    _checks.real_tensors("fused_linear_ppo_actor_loss", hidden=hidden, weight=weight,
+                         labels=labels, old_logprobs=old_logprobs, advantages=advantages,
+                         mask=mask, ref_logprobs=ref_logprobs)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError("hidden must be a [B, T, H] tensor")
     shape = hidden.shape[:-1]
@@ -193,7 +197,7 @@ def fused_linear_ppo_actor_loss(hidden, weight, labels, old_logprobs, advantages
     flat_h, weight, flat_y, chunk = _prepare(hidden, weight, labels, mask, chunk_size)
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, ratio_clamp=ratio_clamp)
-    old_logprobs, advantages, ref_logprobs = check_ppo_inputs(
+    old_logprobs, advantages, ref_logprobs, opts = check_ppo_inputs(
         shape, hidden.device, old_logprobs, advantages, ref_logprobs, agg=agg, **opts)
     temperature = check_temperature(temperature)
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731

@@ -22,6 +22,7 @@ MODES = ("zero", "skip")
 
 def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, mode="zero", whiten=False,
         cu_seqlens=None, backend="auto"):
+    _checks.real_tensors("gae", rewards=rewards, values=values, mask=mask, cu_seqlens=cu_seqlens)
     rewards = _checks.float_tensor("rewards", rewards)
     values = _checks.float_tensor("values", values)
     packed = cu_seqlens is not None

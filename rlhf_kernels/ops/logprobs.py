@@ -93,7 +93,7 @@ def check_logits_labels(logits, labels, mask=None):
 
 
 def check_temperature(temperature) -> float:
-    t = float(temperature)
+    t = _checks.number("temperature", temperature)
     if not (t > 0 and math.isfinite(t)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return t
@@ -112,6 +112,7 @@ def token_logprobs(logits, labels, temperature, with_entropy, backend, inplace):
 
 def logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False,
              backend="auto"):
+    _checks.real_tensors("logprobs", logits=logits, labels=labels)
     squeeze = logits.dim() == 2 if isinstance(logits, torch.Tensor) else False
     logits3, labels3 = check_logits_labels(logits, labels)
     temperature = check_temperature(temperature)

@@ -51,31 +51,42 @@ def check_token_tensor(name, x, shape, device):
 def check_ppo_inputs(shape, device, old_logprobs, advantages, ref_logprobs, *, clip_low,
                      clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, agg,
                      ratio_clamp):
-    """Checked (old_logprobs, advantages, ref_logprobs) of `shape`, and checked options."""
+    """Checked (old_logprobs, advantages, ref_logprobs) of `shape`, and the checked options
+    (the float ones as floats) as a dict."""
     old_logprobs = check_token_tensor("old_logprobs", old_logprobs, shape, device)
     advantages = check_token_tensor("advantages", advantages, shape, device)
     if ref_logprobs is not None:
         ref_logprobs = check_token_tensor("ref_logprobs", ref_logprobs, shape, device)
-    check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
-                  entropy_coef, agg, ratio_clamp)
-    return old_logprobs, advantages, ref_logprobs
+    opts = check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
+                         entropy_coef, agg, ratio_clamp)
+    return old_logprobs, advantages, ref_logprobs, opts
 
 
 def check_options(clip_low, clip_high, dual_clip, ref_logprobs, kl_coef, kl_estimator,
                   entropy_coef, agg, ratio_clamp):
+    """The options as a dict (without agg), each float option a float: an option that is no
+    number is an error naming it here, not a TypeError from deep inside the loss."""
+    opts = {}
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high),
                     ("ratio_clamp", ratio_clamp)):
-        if not float(v) >= 0:
+        opts[name] = _checks.number(name, v)
+        if not opts[name] >= 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
-    if dual_clip is not None and not float(dual_clip) > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if dual_clip is not None:
+        dual_clip = _checks.number("dual_clip", dual_clip)
+        if not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     if kl_estimator not in F.KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {F.KL_ESTIMATORS}, got {kl_estimator!r}")
+    # coefficients multiply the loss terms: NaN / inf would poison every gradient
+    kl_coef = _checks.number("kl_coef", kl_coef, finite=True)
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if agg not in F.AGGREGATIONS:
         raise ValueError(f"agg must be one of {F.AGGREGATIONS}, got {agg!r}")
-    float(entropy_coef)
+    entropy_coef = _checks.number("entropy_coef", entropy_coef, finite=True)
+    return dict(opts, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                entropy_coef=entropy_coef)
 
 
 def actor_loss_from_logprobs(logp, entropy, old_logprobs, advantages, mask, *, clip_low,
@@ -105,6 +116,9 @@ def ppo_actor_loss(logits, labels, old_logprobs, advantages, mask, *, clip_low=0
                    clip_high=0.2, dual_clip=None, ref_logprobs=None, kl_coef=0.0,
                    kl_estimator="k3", entropy_coef=0.0, temperature=1.0, agg="token-mean",
                    ratio_clamp=20.0, inplace_backward=False, backend="auto") -> PPOActorOutput:
+    _checks.real_tensors("ppo_actor_loss", logits=logits, labels=labels, mask=mask,
+                         old_logprobs=old_logprobs, advantages=advantages,
+                         ref_logprobs=ref_logprobs)
     logits = _checks.float_tensor("logits", logits)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
@@ -113,7 +127,7 @@ def ppo_actor_loss(logits, labels, old_logprobs, advantages, mask, *, clip_low=0
     logits, labels = check_logits_labels(logits, labels, mask)
     opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef, ratio_clamp=ratio_clamp)
-    old_logprobs, advantages, ref_logprobs = check_ppo_inputs(
+    old_logprobs, advantages, ref_logprobs, opts = check_ppo_inputs(
         shape, logits.device, old_logprobs, advantages, ref_logprobs, agg=agg, **opts)
     temperature = check_temperature(temperature)
     logp, entropy = token_logprobs(logits, labels, temperature, True, backend, inplace_backward)

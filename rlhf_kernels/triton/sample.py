@@ -16,6 +16,11 @@ cumulative kept mass exceeds u * W. If rounding leaves the walk short of u * W, 
 index is returned, so the token is always in the kept set. logprob = z[token] - lse.
 
 z is a true float32 division by float32(temperature), as torch's logits.float() / temperature.
+
+Non-finite z follow the rule of rlhf_kernels/reference/sample.py. The log-sum-exp pass also
+counts NaN and +inf: a row holding +inf is read as 0 at its +inf tokens and -inf elsewhere by
+every later pass (lse = log(count)); an error row (NaN, or -inf everywhere) is read as all 0, so
+that the later passes stay defined, and gets token -1 (NaN) / -2 (-inf everywhere), log-prob NaN.
 """
 import torch
 import triton
@@ -33,10 +38,18 @@ def _keys(z):
 
 
 @triton.jit
-def _load_z(base, idx, V, temperature):
+def _load_raw(base, idx, V, temperature):
     # div_rn: IEEE division as torch does it; `/` compiles to the approximate div.full.f32
     x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
     return tl.math.div_rn(x, temperature)
+
+
+@triton.jit
+def _load_z(base, idx, V, temperature, inf_row, bad_row):
+    """z under the non-finite rule; padding lanes (idx >= V) stay -inf."""
+    z = _load_raw(base, idx, V, temperature)
+    z = tl.where(inf_row, tl.where(z == float("inf"), 0.0, float("-inf")), z)
+    return tl.where(bad_row & (idx < V), 0.0, z)
 
 
 @triton.jit
@@ -49,13 +62,27 @@ def sample_kernel(logits_ptr, uniforms_ptr, tokens_ptr, logp_ptr, V, stride_b, t
 
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
+    n_nan = tl.zeros((), tl.int32)
+    n_inf = tl.zeros((), tl.int32)
     for start in range(0, V, BLOCK_V):
-        z = _load_z(base, start + offs, V, temperature)
+        z = _load_raw(base, start + offs, V, temperature)
+        n_nan += tl.sum((z != z).to(tl.int32), 0)
+        n_inf += tl.sum((z == float("inf")).to(tl.int32), 0)
+        # the log-sum-exp of the finite z; NaN / +inf rows take theirs below
+        z = tl.where((z != z) | (z == float("inf")), float("-inf"), z)
         m_new = tl.maximum(m, tl.max(z, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf would be NaN
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
         m = m_new
-    lse = m + tl.log(s)
+    inf_row = (n_nan == 0) & (n_inf > 0)
+    nan_row = n_nan > 0
+    empty_row = (n_nan == 0) & (n_inf == 0) & (m == float("-inf"))
+    bad_row = nan_row | empty_row
+    # +inf row: each +inf token has mass 1 / count; error row: read as all 0 (uniform). The
+    # logs' arguments are kept >= 1 where their branch is not taken (no log(0) evaluated)
+    lse = tl.where(inf_row, tl.log(tl.maximum(n_inf, 1).to(tl.float32)),
+                   tl.where(bad_row, tl.log(tl.zeros((), tl.float32) + V),
+                            m + tl.log(tl.where(s > 0.0, s, 1.0))))
 
     thresh = tl.full((), INT32_MIN, tl.int64)
     if HAS_TOPK:
@@ -66,7 +93,7 @@ def sample_kernel(logits_ptr, uniforms_ptr, tokens_ptr, logp_ptr, V, stride_b, t
             cnt = tl.zeros((), tl.int32)
             for start in range(0, V, BLOCK_V):
                 idx = start + offs
-                key = _keys(_load_z(base, idx, V, temperature))
+                key = _keys(_load_z(base, idx, V, temperature, inf_row, bad_row))
                 cnt += tl.sum(((key >= mid.to(tl.int32)) & (idx < V)).to(tl.int32), 0)
             ok = cnt >= top_k
             lo = tl.where(ok, mid, lo)
@@ -79,7 +106,7 @@ def sample_kernel(logits_ptr, uniforms_ptr, tokens_ptr, logp_ptr, V, stride_b, t
             mid = lo + (hi - lo) // 2
             mass = tl.zeros((), tl.float32)
             for start in range(0, V, BLOCK_V):
-                z = _load_z(base, start + offs, V, temperature)
+                z = _load_z(base, start + offs, V, temperature, inf_row, bad_row)
                 p = tl.exp(z - lse)  # 0 on padding lanes (z = -inf)
                 mass += tl.sum(tl.where(_keys(z) > mid.to(tl.int32), p, 0.0), 0)
             ok = mass < top_p
@@ -91,7 +118,7 @@ def sample_kernel(logits_ptr, uniforms_ptr, tokens_ptr, logp_ptr, V, stride_b, t
     total = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         idx = start + offs
-        z = _load_z(base, idx, V, temperature)
+        z = _load_z(base, idx, V, temperature, inf_row, bad_row)
         total += tl.sum(tl.where((_keys(z) >= t32) & (idx < V), tl.exp(z - lse), 0.0), 0)
     target = tl.load(uniforms_ptr + row) * total
 
@@ -100,19 +127,21 @@ def sample_kernel(logits_ptr, uniforms_ptr, tokens_ptr, logp_ptr, V, stride_b, t
     last = tl.full((), -1, tl.int32)  # last kept index so far
     for start in range(0, V, BLOCK_V):
         idx = start + offs
-        z = _load_z(base, idx, V, temperature)
+        z = _load_z(base, idx, V, temperature, inf_row, bad_row)
         kept = (_keys(z) >= t32) & (idx < V)
         p = tl.where(kept, tl.exp(z - lse), 0.0)
         cum = running + tl.cumsum(p, 0)
         # only kept tokens with p > 0 can be the crossing, whatever the scan's rounding does
         hit = (cum > target) & (p > 0.0)
         token = tl.minimum(token, tl.min(tl.where(hit, idx, V), 0))
-        last = tl.maximum(last, tl.max(tl.where(kept, idx, -1), 0))
+        # a kept token of probability 0 (underflow, or not +inf in a +inf row) is never returned
+        last = tl.maximum(last, tl.max(tl.where(kept & (p > 0.0), idx, -1), 0))
         running += tl.sum(p, 0)
-    token = tl.where(token < V, token, last)
-    z_tok = tl.math.div_rn(tl.load(base + token).to(tl.float32), temperature)
-    tl.store(tokens_ptr + row, token.to(tl.int64))
-    tl.store(logp_ptr + row, z_tok - lse)
+    token = tl.maximum(tl.where(token < V, token, last), 0)  # >= 0: the load below stays in
+    z_tok = _load_z(base, token, V, temperature, inf_row, bad_row)
+    code = tl.where(nan_row, -1, -2)
+    tl.store(tokens_ptr + row, tl.where(bad_row, code, token).to(tl.int64))
+    tl.store(logp_ptr + row, tl.where(bad_row, float("nan"), z_tok - lse))
 
 
 def _launch_config(V):
