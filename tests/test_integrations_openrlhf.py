@@ -160,14 +160,61 @@ def test_patch_without_openrlhf_raises_import_error_naming_it():
     assert not rk_openrlhf.is_patched()
 
 
-def test_patch_with_a_missing_dependency_names_it_and_changes_nothing():
+def test_a_target_whose_module_does_not_import_is_skipped_and_the_others_patched():
     with standin_package("openrlhf", STANDIN) as mods:
         import sys
-        sys.modules[MAKER] = None  # as when one of its imports fails
-        with pytest.raises(ImportError, match="experience_maker"):
-            rk_openrlhf.patch()
+        sys.modules[MAKER] = None  # as without vllm: experience_maker's imports fail
+        try:
+            report = rk_openrlhf.patch()
+            assert f"{UTILS}.log_probs_from_logits -> rlhf_kernels.logprobs" in report
+            assert f"{LOSS}.ValueLoss.forward -> rlhf_kernels.ppo_critic_loss" in report
+            assert not any(MAKER in line for line in report)
+            assert mods[UTILS].log_probs_from_logits is not log_probs_from_logits
+            (skip,) = rk_openrlhf.skipped()
+            assert skip.startswith(MAKER + ".RemoteExperienceMaker.get_advantages_and_returns: "
+                                   + MAKER + " does not import (ModuleNotFoundError")
+        finally:
+            rk_openrlhf.unpatch()
         assert mods[UTILS].log_probs_from_logits is log_probs_from_logits
         assert not rk_openrlhf.is_patched()
+
+
+class ValueLossOfAnotherVersion(ValueLoss):
+    def forward(self, values, old_values, returns, action_mask=None, loss_mask=None):
+        return super().forward(values, old_values, returns, action_mask)
+
+
+@pytest.mark.parametrize("version", [None, "0.12.1", "0.10.4"])
+def test_outside_the_tested_versions_a_changed_signature_is_skipped(monkeypatch, version):
+    from rlhf_kernels.integrations import _patching
+    monkeypatch.setattr(_patching, "installed_version", lambda *_: version)
+    changed = {**STANDIN, LOSS: dict(ValueLoss=ValueLossOfAnotherVersion)}
+    with standin_package("openrlhf", changed):
+        try:
+            report = rk_openrlhf.patch()
+            assert not any("ValueLoss" in line for line in report)
+            assert any(line.startswith(MAKER) for line in report)  # signatures as recorded
+            (skip,) = rk_openrlhf.skipped()
+            name = version or "(version unknown)"
+            assert skip.startswith(f"{LOSS}.ValueLoss.forward: openrlhf {name} is outside the "
+                                   f"tested versions {rk_openrlhf.TESTED_VERSIONS} and its "
+                                   "signature ")
+            assert "loss_mask" in skip
+        finally:
+            rk_openrlhf.unpatch()
+
+
+def test_inside_the_tested_versions_signatures_are_not_checked(monkeypatch):
+    from rlhf_kernels.integrations import _patching
+    monkeypatch.setattr(_patching, "installed_version", lambda *_: "0.11.2")
+    changed = {**STANDIN, LOSS: dict(ValueLoss=ValueLossOfAnotherVersion)}
+    with standin_package("openrlhf", changed):
+        try:
+            report = rk_openrlhf.patch()
+            assert any("ValueLoss.forward" in line for line in report)
+            assert rk_openrlhf.skipped() == []
+        finally:
+            rk_openrlhf.unpatch()
 
 
 # ---- log-probs and entropy ----------------------------------------------------------------

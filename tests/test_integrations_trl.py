@@ -206,7 +206,7 @@ def test_out_of_range_labels_raise_a_clear_error(patched):
         after.selective_log_softmax(torch.randn(2, 3, 10), torch.full((2, 3), 10))
 
 
-# ---- the fused LM head (GRPO, RLOO, SFT, DPO, KTO) ----------------------------------------
+# ---- the fused LM head (GRPO, RLOO) ------------------------------------------------------
 
 def _head_inputs(gen, n=37, hidden=24, vocab=91, dtype=torch.float32):
     h = torch.randn(n, hidden, generator=gen).to(dtype)
@@ -295,3 +295,91 @@ def test_fused_lm_head_of_a_model_matches(rng):
         assert torch.allclose(getattr(got, field), getattr(want, field), atol=2e-5, rtol=1e-5)
     for name, g in g_got.items():
         assert torch.allclose(g, g_want[name], atol=1e-5, rtol=1e-4), name
+
+
+# ---- declining what the patch does not know -----------------------------------------------
+
+def test_fused_head_replacement_is_an_autograd_function_reading_the_chunk_size_per_call(
+        patched, monkeypatch, rng):
+    before, after = patched
+    assert issubclass(after.chunked, torch.autograd.Function)
+    assert issubclass(after.chunked, before.chunked)
+    assert after.chunked.__wrapped__ is before.chunked
+    chunks, op = [], rk_trl.fused_linear_logprobs
+
+    def spy(*args, **kwargs):
+        chunks.append(kwargs["chunk_size"])
+        return op(*args, **kwargs)
+    monkeypatch.setattr(rk_trl, "fused_linear_logprobs", spy)
+    h, w, targets = _head_inputs(rng)  # vocab 91 < TRL's vocab chunk: TOKEN_CHUNK_SIZE tokens
+    _head_run(after.chunked, h, w, targets, ("log_probs",), rng)
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK_SIZE", 8)  # after patch(): still takes effect
+    _head_run(after.chunked, h, w, targets, ("log_probs",), rng)
+    assert chunks == [4096, 8]
+
+
+def test_a_fused_head_wrapped_without_functools_wraps_is_left_to_trl(monkeypatch, rng):
+    forward = chunked.ChunkedLogProbFunction.forward
+
+    def profiled(ctx, *args, **kwargs):  # a profiler's wrapper: no functools.wraps
+        return forward(ctx, *args, **kwargs)
+    monkeypatch.setattr(chunked.ChunkedLogProbFunction, "forward", staticmethod(profiled))
+    h, w, targets = _head_inputs(rng)
+    want, g_want = _head_run(utils._ChunkedLogProbFunction, h, w, targets, ("log_probs",), rng)
+    try:
+        report = rk_trl.patch()
+        # a training step runs (it used to raise KeyError: 'hidden')
+        got, g_got = _head_run(utils._ChunkedLogProbFunction, h, w, targets, ("log_probs",), rng)
+        assert not any("ChunkedLogProbFunction" in line for line in report)
+        assert any(line.startswith("trl.trainer.utils.selective_log_softmax") for line in report)
+        (skip,) = rk_trl.skipped()
+        assert skip.startswith("trl.kernels.chunked_logprob.ChunkedLogProbFunction: its forward")
+        assert "does not name hidden, weight" in skip
+    finally:
+        rk_trl.unpatch()
+    assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(g_got, g_want))
+
+
+def test_outside_the_tested_versions_only_matching_signatures_are_patched(monkeypatch):
+    from rlhf_kernels.integrations import _patching
+    monkeypatch.setattr(_patching, "installed_version", lambda *_: "1.12.0")
+
+    def entropy_from_logits(logits, chunk_size=128, dim=-1):  # a signature we do not know
+        return NotImplemented
+    monkeypatch.setattr(utils, "entropy_from_logits", entropy_from_logits)
+    monkeypatch.setitem(sys.modules, "trl.kernels.chunked_logprob", None)  # as in TRL < 1.14
+    try:
+        report = rk_trl.patch()  # no ImportError for the missing submodule
+        assert any(line.startswith("trl.trainer.utils.selective_log_softmax ->")
+                   for line in report)
+        assert any(line.startswith("trl.trainer.utils.selective_log_softmax_and_entropy ->")
+                   for line in report)
+        assert not any("entropy_from_logits" in line or "Chunked" in line for line in report)
+        entropy_skip, kernel_skip = rk_trl.skipped()
+        assert entropy_skip.startswith(
+            "trl.trainer.utils.entropy_from_logits: trl 1.12.0 is outside the tested versions "
+            ">=1.16,<1.17 and its signature ")
+        assert "('dim', 'POSITIONAL_OR_KEYWORD')" in entropy_skip
+        assert kernel_skip.startswith("trl.kernels.chunked_logprob.ChunkedLogProbFunction: "
+                                      "trl.kernels.chunked_logprob does not import")
+        assert utils.entropy_from_logits is entropy_from_logits
+    finally:
+        rk_trl.unpatch()
+
+
+def test_outside_the_tested_versions_the_recorded_signatures_are_trl_1_16s(monkeypatch):
+    from rlhf_kernels.integrations import _patching
+    monkeypatch.setattr(_patching, "installed_version", lambda *_: None)
+    try:
+        rk_trl.patch()
+        assert rk_trl.skipped() == [] and len(rk_trl.unpatch()) == 4
+    finally:
+        rk_trl.unpatch()
+
+
+@pytest.mark.parametrize("version,inside", [("1.16.0", True), ("1.16.3.dev0", True),
+                                            ("1.16", True), ("1.17.0", False), ("1.15.9", False),
+                                            ("2.0", False), (None, False), ("main", False)])
+def test_version_ranges(version, inside):
+    from rlhf_kernels.integrations._patching import in_range
+    assert in_range(version, rk_trl.TESTED_VERSIONS) is inside

@@ -201,6 +201,30 @@ def test_patch_without_verl_raises_import_error_naming_it():
     assert not rk_verl.is_patched()
 
 
+def test_a_missing_module_or_a_changed_signature_skips_that_target_only(monkeypatch):
+    from rlhf_kernels.integrations import _patching
+    monkeypatch.setattr(_patching, "installed_version", lambda *_: "0.10.0")
+
+    def changed_gae(token_level_rewards, values, response_mask, config):  # a newer shape
+        return compute_gae_advantage_return(token_level_rewards, values, response_mask, 1, 1)
+    algos = dict(STANDIN[ALGOS], compute_gae_advantage_return=changed_gae)
+    with standin_package("verl", {**STANDIN, ALGOS: algos}) as mods:
+        sys.modules[FUNCTIONAL] = None  # as when its imports fail
+        try:
+            report = rk_verl.patch()
+            assert report == [f"{ALGOS}.compute_value_loss -> rlhf_kernels.ppo_critic_loss"]
+            assert mods[ALGOS].compute_gae_advantage_return is changed_gae
+            skipped = rk_verl.skipped()
+            assert [line.split(":")[0] for line in skipped] == [
+                f"{FUNCTIONAL}.logprobs_from_logits", f"{FUNCTIONAL}.entropy_from_logits",
+                f"{FUNCTIONAL}.entropy_from_logits_with_chunking",
+                f"{ALGOS}.compute_gae_advantage_return"]
+            assert all(f"{FUNCTIONAL} does not import" in line for line in skipped[:3])
+            assert "verl 0.10.0 is outside the tested versions >=0.9,<0.10" in skipped[3]
+        finally:
+            rk_verl.unpatch()
+
+
 # ---- log-probs and entropy ----------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(3, 5, 37), (1, 1, 1), (9, 130), (2, 2, 3, 17)])

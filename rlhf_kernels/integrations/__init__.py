@@ -4,7 +4,9 @@
     trl.patch()      # returns the list of what was replaced, "where -> op"
     trl.unpatch()    # the original functions are back
 
-Submodules `trl`, `openrlhf`, `verl`: each has `patch()`, `unpatch()` and `is_patched()`, and
-none imports its package before `patch()` is called. `transformers` works on one model at a
+Submodules `trl`, `openrlhf`, `verl`: each has `patch()`, `unpatch()`, `is_patched()` and
+`skipped()` (the targets the last patch() left alone, and why: a module that does not import,
+or, outside the versions in its `TESTED_VERSIONS`, a signature that changed), and none
+imports its package before `patch()` is called. `transformers` works on one model at a
 time instead: `apply_rlhf_kernels(model)` / `remove_rlhf_kernels(model)`.
 """

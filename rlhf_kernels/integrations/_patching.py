@@ -7,13 +7,21 @@ inside the package: module globals (copies made by `from x import f`) and entrie
 module-level dicts (registries such as veRL's `ADV_ESTIMATOR_REGISTRY`). `unpatch()` puts
 the original objects back wherever the replacement is found, including modules imported
 while the patch was active. Nothing here imports the package before `patch()` is called.
+
+Each target is imported and patched on its own: a target whose module does not import, that
+is absent, whose shape is not what its replacement expects (`Decline`), or, outside the
+package versions the integration is tested on, whose signature differs from the recorded one,
+is skipped; `Patcher.skipped` says which and why (also logged as a warning).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
+import inspect
 import logging
+import re
 import sys
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,16 +39,71 @@ class Target:
             "RemoteExperienceMaker.get_advantages_and_returns".
         op: what now does the work, for the report, e.g. "rlhf_kernels.logprobs".
         make: original -> replacement. The replacement must keep the original's signature
-            and call the original for inputs it does not handle.
+            and call the original for inputs it does not handle. It raises `Decline` when
+            the original is not of the shape it was written for.
+        signature: the parameters of the replaced function as written in a `def` (with
+            `self` / `ctx`; for a class, those of its `forward`), e.g. "logits, index,
+            temperature=1.0"; checked (names and kinds) outside the tested versions.
     """
     module: str
     qualname: str
     op: str
     make: Callable[[Any], Any]
+    signature: Optional[str] = None
 
     @property
     def name(self) -> str:
         return f"{self.module}.{self.qualname}"
+
+
+class Decline(Exception):
+    """Raised by `Target.make`: the original is not what the replacement was written for."""
+
+
+def parameters(obj: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
+    """(name, kind) of each parameter of a function, or of a class's `forward`; None when
+    there is no signature to read."""
+    fn = getattr(obj, "forward", None) if isinstance(obj, type) else obj
+    if isinstance(fn, (staticmethod, classmethod)):
+        fn = fn.__func__
+    try:
+        return tuple((p.name, p.kind.name) for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def expected_parameters(spec: str) -> Tuple[Tuple[str, str], ...]:
+    """The parameters a `def f(<spec>)` would have (the spec is our own constant source)."""
+    namespace: Dict[str, Any] = {}
+    exec(f"def f({spec}): pass", {}, namespace)  # noqa: S102 - a literal of this package
+    return parameters(namespace["f"])
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def in_range(version: Optional[str], spec: str) -> bool:
+    """`version` within a spec like ">=1.16,<1.17" (numeric release parts only); False when
+    the version is unknown."""
+    if not version or not re.match(r"\d", version):
+        return False
+    ops = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+           ">": lambda a, b: a > b, "==": lambda a, b: a == b}
+    v = _version_tuple(version)
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        op = re.match(r"[<>=]+", clause).group(0)
+        bound = _version_tuple(clause[len(op):])
+        if not ops[op](v[:len(bound)] + (0,) * (len(bound) - len(v)), bound):
+            return False
+    return True
+
+
+def installed_version(package: str, pip_name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(pip_name)
+    except importlib.metadata.PackageNotFoundError:  # a source checkout: ask the module
+        return getattr(sys.modules.get(package), "__version__", None)
 
 
 def wraps(original: Callable) -> Callable[[Callable], Callable]:
@@ -104,35 +167,88 @@ class Patcher:
         package: top-level import name, e.g. "trl"; only its modules are scanned.
         targets: what to replace.
         pip_name: what to `pip install` when the package is missing (in the error).
+        tested: the versions the replacements are tested on, e.g. ">=1.16,<1.17"; outside
+            them (or when the version is unknown) a target is patched only if its signature
+            is the recorded one.
     """
 
-    def __init__(self, package: str, targets: Sequence[Target], pip_name: Optional[str] = None):
+    def __init__(self, package: str, targets: Sequence[Target], pip_name: Optional[str] = None,
+                 tested: Optional[str] = None):
         self.package = package
         self.targets = tuple(targets)
         self.pip_name = pip_name or package
+        self.tested = tested
         self._active: Dict[str, Tuple[Any, str, Any, Any]] = {}  # name -> owner, attr, orig, new
         self._report: List[str] = []
+        self._skipped: List[str] = []
 
     @property
     def is_patched(self) -> bool:
         return bool(self._active)
 
+    @property
+    def skipped(self) -> List[str]:
+        """"target: why" for each target the last patch() left alone."""
+        return list(self._skipped)
+
+    def _skip(self, target: Target, why: str) -> None:
+        self._skipped.append(f"{target.name}: {why}")
+        logger.warning("rlhf_kernels left %s alone: %s", target.name, why)
+
+    def _version_note(self) -> Optional[str]:
+        """None inside the tested versions, else why signatures are checked."""
+        if self.tested is None:
+            return None
+        version = installed_version(self.package, self.pip_name)
+        if in_range(version, self.tested):
+            return None
+        return (f"{self.package} {version or '(version unknown)'} is outside the tested "
+                f"versions {self.tested}")
+
+    def _find(self, target: Target, version_note: Optional[str]):
+        """(owner, attr, original) of the target, or None (skipped, with the reason)."""
+        try:
+            root = importlib.import_module(target.module)
+        except Exception as e:  # a missing submodule or a dependency that fails to import
+            self._skip(target, f"{target.module} does not import ({e.__class__.__name__}: {e})")
+            return None
+        try:
+            found = _resolve(root, target.qualname)
+        except (AttributeError, KeyError):
+            self._skip(target, f"not found in this version of {self.package}")
+            return None
+        if version_note and target.signature is not None:
+            have, want = parameters(found[2]), expected_parameters(target.signature)
+            if have != want:
+                self._skip(target, f"{version_note} and its signature {have} is not the one "
+                                   f"replaced {want}")
+                return None
+        return found
+
     def patch(self) -> List[str]:
-        """Replace every target; returns (and logs) "where -> op" lines. Idempotent."""
+        """Replace every target that can be; returns (and logs) "where -> op" lines, and
+        `skipped` the targets left alone. Idempotent.
+
+        Raises:
+            ImportError: the package itself does not import (nothing is patched).
+        """
         if self._active:  # already on: only catch references made since (none expected)
             for _, _, original, new in self._active.values():
                 swap_references(self.package, original, new)
             return list(self._report)
-        roots = {t.module: _import(t.module, self.package, self.pip_name) for t in self.targets}
-        resolved = []
-        for target in self.targets:  # resolve everything before changing anything
+        _import(self.package, self.package, self.pip_name)
+        self._skipped = []
+        note = self._version_note()
+        found = [(t, self._find(t, note)) for t in self.targets]  # resolve, then change
+        for target, hit in found:
+            if hit is None:
+                continue
+            owner, attr, original = hit
             try:
-                resolved.append((target, *_resolve(roots[target.module], target.qualname)))
-            except (AttributeError, KeyError):
-                logger.warning("%s: not found in this version of %s, left alone", target.name,
-                               self.package)
-        for target, owner, attr, original in resolved:
-            new = target.make(original)
+                new = target.make(original)
+            except Decline as e:
+                self._skip(target, str(e))
+                continue
             setattr(owner, attr, new)
             self._active[target.name] = (owner, attr, original, new)
             lines = [target.name] + [w for w in swap_references(self.package, original, new)

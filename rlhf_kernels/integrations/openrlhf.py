@@ -32,7 +32,7 @@ from ._adapters import (all_finite, entropy_only, is_binary, is_float, is_logits
                         positive, promoted, same_shape, token_logprobs, unit_interval)
 from ._patching import Patcher, Target, wraps
 
-__all__ = ["patch", "unpatch", "is_patched"]
+__all__ = ["patch", "unpatch", "is_patched", "skipped", "TESTED_VERSIONS"]
 
 
 def _log_probs_from_logits(original):
@@ -110,19 +110,25 @@ def _value_loss_forward(original):
     return forward
 
 
+# the versions the replacements are tested on; outside them a target is patched only when
+# its signature is the one recorded below
+TESTED_VERSIONS = ">=0.11,<0.12"
+
 TARGETS = (
     Target("openrlhf.models.utils", "log_probs_from_logits", "rlhf_kernels.logprobs",
-           _log_probs_from_logits),
+           _log_probs_from_logits, "logits, labels, temperature=1.0"),
     Target("openrlhf.models.utils", "compute_entropy",
-           "rlhf_kernels.logprobs(return_entropy=True)", _compute_entropy),
+           "rlhf_kernels.logprobs(return_entropy=True)", _compute_entropy, "logits"),
+    # experience_maker imports vllm / ray: without them this target alone is skipped
     Target("openrlhf.trainer.ppo_utils.experience_maker",
            "RemoteExperienceMaker.get_advantages_and_returns", 'rlhf_kernels.gae(mode="zero")',
-           _get_advantages_and_returns),
+           _get_advantages_and_returns, "self, values, rewards, action_mask, gamma, lambd"),
     Target("openrlhf.models.loss", "ValueLoss.forward", "rlhf_kernels.ppo_critic_loss",
-           _value_loss_forward),
+           _value_loss_forward, "self, values, old_values, returns, action_mask=None, "
+           "dp_size=1, batch_num_tokens=None, global_batch_size=None"),
 )
 
-_PATCHER = Patcher("openrlhf", TARGETS, pip_name="openrlhf")
+_PATCHER = Patcher("openrlhf", TARGETS, pip_name="openrlhf", tested=TESTED_VERSIONS)
 
 
 def patch() -> List[str]:
@@ -131,11 +137,19 @@ def patch() -> List[str]:
     Returns:
         One "where -> op" line per replaced reference (also logged at INFO). Idempotent.
 
+    A target whose module does not import (experience_maker needs vllm), that is absent, or,
+    outside TESTED_VERSIONS, whose signature changed, is left alone: see `skipped()`.
+
     Raises:
-        ImportError: openrlhf, or one of its dependencies, cannot be imported; the message
-            names the missing module. Nothing is patched then.
+        ImportError: openrlhf itself cannot be imported; the message names the missing
+            module. Nothing is patched then.
     """
     return _PATCHER.patch()
+
+
+def skipped() -> List[str]:
+    """"target: why" for each target the last patch() left alone."""
+    return _PATCHER.skipped
 
 
 def unpatch() -> List[str]:

@@ -38,7 +38,7 @@ from ._adapters import (all_finite, entropy_only, is_binary, is_float, is_logits
                         promoted, same_shape, token_logprobs, unit_interval)
 from ._patching import Patcher, Target, wraps
 
-__all__ = ["patch", "unpatch", "is_patched"]
+__all__ = ["patch", "unpatch", "is_patched", "skipped", "TESTED_VERSIONS"]
 
 _TORCH_FUNCTIONAL = "verl.utils.torch_functional"
 _CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -162,20 +162,28 @@ def _compute_value_loss(original):
     return compute_value_loss
 
 
+# the versions the replacements are tested on; outside them a target is patched only when
+# its signature is the one recorded below
+TESTED_VERSIONS = ">=0.9,<0.10"
+
 TARGETS = (
     Target(_TORCH_FUNCTIONAL, "logprobs_from_logits", "rlhf_kernels.logprobs",
-           _logprobs_from_logits),
+           _logprobs_from_logits, "logits, labels, inplace_backward=True"),
     Target(_TORCH_FUNCTIONAL, "entropy_from_logits",
-           "rlhf_kernels.logprobs(return_entropy=True)", _entropy_from_logits),
+           "rlhf_kernels.logprobs(return_entropy=True)", _entropy_from_logits, "logits"),
     Target(_TORCH_FUNCTIONAL, "entropy_from_logits_with_chunking",
-           "rlhf_kernels.logprobs(return_entropy=True)", _entropy_from_logits_with_chunking),
+           "rlhf_kernels.logprobs(return_entropy=True)", _entropy_from_logits_with_chunking,
+           "logits, chunk_size=2048"),
     Target(_CORE_ALGOS, "compute_gae_advantage_return",
-           'rlhf_kernels.gae(mode="skip", whitened as veRL)', _compute_gae_advantage_return),
+           'rlhf_kernels.gae(mode="skip", whitened as veRL)', _compute_gae_advantage_return,
+           "token_level_rewards, values, response_mask, gamma, lam"),
     Target(_CORE_ALGOS, "compute_value_loss", "rlhf_kernels.ppo_critic_loss",
-           _compute_value_loss),
+           _compute_value_loss, "vpreds, returns, values, response_mask, cliprange_value, "
+           "loss_agg_mode='token-mean', dp_size=1, batch_num_tokens=None, "
+           "global_batch_size=None, loss_scale_factor=None"),
 )
 
-_PATCHER = Patcher("verl", TARGETS, pip_name="verl")
+_PATCHER = Patcher("verl", TARGETS, pip_name="verl", tested=TESTED_VERSIONS)
 
 
 def patch() -> List[str]:
@@ -184,11 +192,19 @@ def patch() -> List[str]:
     Returns:
         One "where -> op" line per replaced reference (also logged at INFO). Idempotent.
 
+    A target whose module does not import, that is absent, or, outside TESTED_VERSIONS, whose
+    signature changed, is left alone: see `skipped()`.
+
     Raises:
-        ImportError: verl, or one of its dependencies, cannot be imported; the message names
-            the missing module. Nothing is patched then.
+        ImportError: verl itself cannot be imported; the message names the missing module.
+            Nothing is patched then.
     """
     return _PATCHER.patch()
+
+
+def skipped() -> List[str]:
+    """"target: why" for each target the last patch() left alone."""
+    return _PATCHER.skipped
 
 
 def unpatch() -> List[str]:
