@@ -53,10 +53,13 @@ def hf_generate(model, input_ids, attention_mask, *, max_new_tokens, temperature
     """(response tokens [B, N], logprobs [B, N] float32, response mask [B, N])."""
     options = dict(do_sample=False)
     if temperature > 0:
-        options = dict(do_sample=True, temperature=temperature, top_k=top_k or None,
-                       top_p=top_p)
+        # top_k 0 turns HF's top-k off; None would get its default top_k=50
+        options = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     prompt_len = input_ids.shape[1]
-    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+    # HF's own generate: `model.generate` may be apply_rlhf_kernels' wrapper, which would
+    # send this call back here (a RecursionError with unmerged LoRA)
+    hf_generate_fn = model.__dict__.get("_rlhf_kernels_original_generate", model.generate)
+    sequences = hf_generate_fn(input_ids=input_ids, attention_mask=attention_mask,
                                max_new_tokens=max_new_tokens, min_new_tokens=0,
                                eos_token_id=eos_ids.tolist(), pad_token_id=pad_token_id,
                                **options)
