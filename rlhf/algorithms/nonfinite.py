@@ -9,7 +9,11 @@ see finite updates. `limit` skips in a row stop the run with an error.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("rlhf")
 
 
 class NonFiniteError(RuntimeError):
@@ -70,6 +74,8 @@ class NonFiniteGuard:
     def _skip(self, what: str, loss: float) -> bool:
         self.in_a_row[what] = run = self.in_a_row.get(what, 0) + 1
         self.total += 1
+        log.warning("skipped a %s update: non-finite loss or gradient (loss %s; %d in a row, %d "
+                    "in all)", what, loss, run, self.total)
         if self.limit and run >= self.limit:
             raise NonFiniteError(
                 f"{run} updates in a row had a non-finite {what} loss or gradient "

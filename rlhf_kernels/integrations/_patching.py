@@ -73,10 +73,23 @@ def parameters(obj: Any) -> Optional[Tuple[Tuple[str, str], ...]]:
 
 
 def expected_parameters(spec: str) -> Tuple[Tuple[str, str], ...]:
-    """The parameters a `def f(<spec>)` would have (the spec is our own constant source)."""
-    namespace: Dict[str, Any] = {}
-    exec(f"def f({spec}): pass", {}, namespace)  # noqa: S102 - a literal of this package
-    return parameters(namespace["f"])
+    """(name, kind) of the parameters a `def f(<spec>)` would have: names and the markers
+    `/`, `*`, `*args`, `**kwargs`; defaults are not compared (and hold no comma here)."""
+    out, kind = [], "POSITIONAL_OR_KEYWORD"
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name = part.split("=")[0].split(":")[0].strip()
+        if name == "/":
+            out = [(n, "POSITIONAL_ONLY") for n, _ in out]
+        elif name == "*":
+            kind = "KEYWORD_ONLY"
+        elif name.startswith("**"):
+            out.append((name[2:], "VAR_KEYWORD"))
+        elif name.startswith("*"):
+            out.append((name[1:], "VAR_POSITIONAL"))
+            kind = "KEYWORD_ONLY"
+        else:
+            out.append((name, kind))
+    return tuple(out)
 
 
 def _version_tuple(text: str) -> Tuple[int, ...]:
