@@ -115,7 +115,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
 
     Stops early when every sequence has emitted EOS, so N <= max_new_tokens (as HF does).
     `max_new_tokens=0` returns the prompts and empty [B, 0] log-probs / mask.
-    `generator` seeds the draws of the fused path (a torch.Generator on the model's device).
+    `generator` seeds the draws of the fused path (a torch.Generator on any device: the draws are
+    made on its device, then moved to the model's).
     `fused=False` takes the HF path even when an adapter exists (the baseline of benchmarks).
     """
     temperature, top_k, top_p = decode_ops.check_sampling(temperature, top_k, top_p)
@@ -219,7 +220,7 @@ class _Decoder:
         """(tokens, log-probs); a token < 0 marks an error row (reference/sample.py)."""
         if temperature == 0:
             return ref_sample.greedy(logits)
-        uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        uniforms = ref_sample.draw_uniforms(logits.shape[0], generator, logits.device)
         return self.sample(logits, temperature, top_k, top_p, uniforms)
 
     def compact(self, keep, length):

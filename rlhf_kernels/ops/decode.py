@@ -175,7 +175,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backe
     if temperature == 0:  # greedy: no kernel needed
         tokens, logp = ref_sample.greedy(logits)
     else:
-        uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        uniforms = ref_sample.draw_uniforms(logits.shape[0], generator, logits.device)
         tokens, logp = sample_kernel(backend, logits.device)(logits, temperature, top_k, top_p,
                                                              uniforms)
     raise_for_error_rows(tokens)

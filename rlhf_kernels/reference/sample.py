@@ -37,6 +37,14 @@ _WHY = {NAN_ROW: "hold NaN: the model produced NaN logits (look for NaN or inf i
                    "nonzero probability"}
 
 
+def draw_uniforms(n: int, generator, device) -> torch.Tensor:
+    """n draws in [0, 1) on `device`. They are drawn on the generator's own device, then moved:
+    a CPU generator (the common `torch.Generator().manual_seed(0)`) works for a CUDA model,
+    and the same seed gives the same draws on every device."""
+    where = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, device=where).to(device)
+
+
 def apply_nonfinite_rule(z: torch.Tensor):
     """(z with the rule applied, codes [B] int64: 0, NAN_ROW or EMPTY_ROW). The error rows'
     z become 0 everywhere, so that what runs after them stays defined (their results are
@@ -103,7 +111,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     logp_full = torch.log_softmax(z, -1)
     probs = torch.where(kept_mask(z, top_k, top_p), logp_full.exp(), 0.0)
     if uniforms is None:
-        uniforms = torch.rand(z.shape[0], generator=generator, device=z.device)
+        uniforms = draw_uniforms(z.shape[0], generator, z.device)
     cdf = probs.cumsum(-1)
     target = uniforms[:, None] * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
