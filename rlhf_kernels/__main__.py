@@ -1,4 +1,5 @@
-"""`python -m rlhf_kernels report`: what was built, and what each op runs on here."""
+"""`python -m rlhf_kernels report`: what was built, and what each op runs on here;
+`python -m rlhf_kernels selftest`: every op x backend here against the float64 reference."""
 import argparse
 import platform
 import sys
@@ -9,7 +10,8 @@ from . import __version__, _backends
 from .ops import OPS
 
 
-def report(out=sys.stdout) -> None:
+def report(out=None) -> None:
+    out = out or sys.stdout
     ext, why = _backends.extension()
     print(f"rlhf_kernels {__version__}  torch {torch.__version__}  python "
           f"{platform.python_version()}  ({platform.machine()})", file=out)
@@ -43,12 +45,46 @@ def report(out=sys.stdout) -> None:
         print(f"{op:{width}s}" + "".join(f"{c:11s}" for c in cells), file=out)
     if notes:
         print("\n* " + "\n".join(notes).lstrip(), file=out)
+    print("\nto check that every available kernel computes the right numbers here: "
+          "python -m rlhf_kernels selftest", file=out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m rlhf_kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("report", help="build flags, and which backend each op can run on")
+    check = commands.add_parser(
+        "selftest", help="every op x available backend x dtype against the float64 reference; "
+        "exit status 1 on any failure")
+    check.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                       help="the device whose backends to check (default: cuda when present)")
+    check.add_argument("--ops", default=None,
+                       help="comma-separated ops to check (default: all)")
+    check.add_argument("--json", default=None, metavar="PATH", help="also write the rows here")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    return parser.parse_args(argv)
+
+
+def run_selftest(args) -> int:
+    from . import selftest
+    device = args.device or selftest.default_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"selftest: --device cuda needs a CUDA device, and torch {torch.__version__} "
+              "sees none; run with --device cpu", file=sys.stderr)
+        return 2
+    ops = None if args.ops is None else [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = sorted(set(ops or ()) - set(selftest.CASES))
+    if unknown or ops == []:
+        print(f"selftest: --ops {args.ops!r}: unknown op(s) {unknown}; the ops are "
+              f"{', '.join(selftest.CASES)}", file=sys.stderr)
+        return 2
+    return selftest.main(device, ops, args.json, args.seed)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_kernels")
-    parser.add_argument("command", choices=["report"], help="report: build flags and backends")
-    parser.parse_args(argv)
+    args = parse_args(argv)
+    if args.command == "selftest":
+        return run_selftest(args)
     report()
     return 0
 
