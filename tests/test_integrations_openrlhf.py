@@ -197,8 +197,8 @@ def test_outside_the_tested_versions_a_changed_signature_is_skipped(monkeypatch,
             (skip,) = rk_openrlhf.skipped()
             name = version or "(version unknown)"
             assert skip.startswith(f"{LOSS}.ValueLoss.forward: openrlhf {name} is outside the "
-                                   f"tested versions {rk_openrlhf.TESTED_VERSIONS} and its "
-                                   "signature ")
+                                   f"tested versions {rk_openrlhf.TESTED_VERSIONS}, and its "
+                                   "signature (self, ")
             assert "loss_mask" in skip
         finally:
             rk_openrlhf.unpatch()

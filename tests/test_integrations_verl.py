@@ -384,3 +384,19 @@ def test_value_loss_cases_the_op_does_not_cover_go_to_veRL(patched, case, rng):
         original.compute_value_loss(*args)
     with pytest.raises(ValueError):
         new.compute_value_loss(*args)
+
+
+def test_value_loss_mode_veRL_rejects_stays_rejected(patched, rng):
+    """token-sum is a loss_agg_mode of veRL 0.9; 0.7 and 0.8 reject it (ValueError), and so
+    must compute_value_loss after patch() there (tests/test_peer_versions.py runs this)."""
+    original, new = patched
+    vpreds, returns, values = (torch.randn(3, 4, generator=rng) for _ in range(3))
+    args = (vpreds, returns, values, torch.ones(3, 4), 0.2, "token-sum")
+    try:
+        want = original.compute_value_loss(*args)
+    except ValueError:
+        with pytest.raises(ValueError):
+            new.compute_value_loss(*args)
+        return
+    got = new.compute_value_loss(*args)
+    assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-7) for g, w in zip(got, want))

@@ -92,6 +92,28 @@ def expected_parameters(spec: str) -> Tuple[Tuple[str, str], ...]:
     return tuple(out)
 
 
+def describe(params: Optional[Tuple[Tuple[str, str], ...]]) -> str:
+    """`parameters()` as a def would write them (no defaults): "(self, x, *, flag)"."""
+    if params is None:
+        return "(unreadable)"
+    out, keyword_only = [], False
+    for i, (name, kind) in enumerate(params):
+        if kind == "VAR_POSITIONAL":
+            out.append(f"*{name}")
+            keyword_only = True
+        elif kind == "VAR_KEYWORD":
+            out.append(f"**{name}")
+        else:
+            if kind == "KEYWORD_ONLY" and not keyword_only:
+                out.append("*")
+                keyword_only = True
+            out.append(name)
+        if kind == "POSITIONAL_ONLY" and (i + 1 == len(params)
+                                          or params[i + 1][1] != "POSITIONAL_ONLY"):
+            out.append("/")
+    return f"({', '.join(out)})"
+
+
 def _version_tuple(text: str) -> Tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
 
@@ -200,6 +222,11 @@ class Patcher:
         return bool(self._active)
 
     @property
+    def replaced(self) -> Dict[str, Tuple[Any, Any]]:
+        """{target name: (original, replacement)} of what is patched now."""
+        return {name: (original, new) for name, (_, _, original, new) in self._active.items()}
+
+    @property
     def skipped(self) -> List[str]:
         """"target: why" for each target the last patch() left alone."""
         return list(self._skipped)
@@ -233,8 +260,8 @@ class Patcher:
         if version_note and target.signature is not None:
             have, want = parameters(found[2]), expected_parameters(target.signature)
             if have != want:
-                self._skip(target, f"{version_note} and its signature {have} is not the one "
-                                   f"replaced {want}")
+                self._skip(target, f"{version_note}, and its signature {describe(have)} is "
+                                   f"not the one replaced {describe(want)}")
                 return None
         return found
 

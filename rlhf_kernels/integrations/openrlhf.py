@@ -110,8 +110,9 @@ def _value_loss_forward(original):
     return forward
 
 
-# the versions the replacements are tested on; outside them a target is patched only when
-# its signature is the one recorded below
+# the versions the replacements are tested on (with the real package: tests/test_peer_versions.py
+# pins one, and an older one); outside them a target is patched only when its signature
+# is the one recorded below
 TESTED_VERSIONS = ">=0.11,<0.12"
 
 TARGETS = (

@@ -180,8 +180,9 @@ def _chunked_logprob_function(original):
         "__wrapped__": original})
 
 
-# the versions the replacements are tested on; outside them a target is patched only when
-# its signature is the one recorded below
+# the versions the replacements are tested on (with the real package: tests/test_peer_versions.py
+# pins one, and an older one); outside them a target is patched only when its signature
+# is the one recorded below
 TESTED_VERSIONS = ">=1.16,<1.17"
 
 TARGETS = (

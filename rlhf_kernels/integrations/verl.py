@@ -162,8 +162,9 @@ def _compute_value_loss(original):
     return compute_value_loss
 
 
-# the versions the replacements are tested on; outside them a target is patched only when
-# its signature is the one recorded below
+# the versions the replacements are tested on (with the real package: tests/test_peer_versions.py
+# pins one, and an older one); outside them a target is patched only when its signature
+# is the one recorded below
 TESTED_VERSIONS = ">=0.9,<0.10"
 
 TARGETS = (

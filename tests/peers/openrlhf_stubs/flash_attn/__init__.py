@@ -1,0 +1,1 @@
+"""Stand-in for flash-attn (see ../README.md): importable, every function raises."""
