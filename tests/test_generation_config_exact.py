@@ -12,6 +12,7 @@ from rlhf_kernels.generation import position_ids_from_mask
 from rlhf_kernels.generation.fallback import response_mask_from
 from rlhf_kernels.integrations.transformers import apply_rlhf_kernels
 
+from hf_processing import first_token_logits, hf_first_token_probs, total_variation, tv_bound
 from tiny_models import CONFIGS, build, left_padded_prompts
 
 
@@ -26,19 +27,20 @@ def test_every_generation_config_field_is_classified():
     fields = set(tf.GenerationConfig().to_dict())
     assert not integration.SERVED & integration.DECLINED
     assert fields - integration.SERVED - integration.DECLINED == set()
+    # served with a distribution test each (test_served_sampling_matches_hf_distribution)
+    assert {"min_p", "repetition_penalty", "suppress_tokens"} <= integration.USED
 
 
 DECLINED_CASES = [
-    dict(do_sample=True, min_p=0.5),
-    dict(do_sample=True, top_k=0, repetition_penalty=1.5),
-    dict(do_sample=False, suppress_tokens=[7, 9]),
     dict(do_sample=False, no_repeat_ngram_size=2),
     dict(do_sample=False, bad_words_ids=[[11]]),
     dict(do_sample=False, num_beams=2),
     dict(do_sample=True, typical_p=0.5),
-    # the fused sampler's top-p counts the mass before top-k, HF's after: not the same set
-    dict(do_sample=True, top_p=0.9),  # with HF's default top_k=50
     dict(do_sample=False, min_new_tokens=8, eos_token_id=5),
+    # HF applies min-p after top-p, whose kept set depends on what it is given: no
+    # pre-filtering gives HF's set
+    dict(do_sample=True, top_k=0, top_p=0.7, min_p=0.1),
+    dict(do_sample=False, suppress_tokens=[-1, 7]),  # HF ignores -1, the fused loop refuses it
 ]
 
 
@@ -67,28 +69,38 @@ def test_declined_option_takes_hf_path(options, as_config, rng, monkeypatch, cap
     assert _declined_name(options) in said[0]
 
 
-def test_min_p_and_suppress_tokens_are_honoured(rng):
-    """The two reported cases: min_p=0.5 emitted tokens below min_p, suppress_tokens emitted
-    the suppressed token."""
+def spy_fused(monkeypatch):
+    """The calls apply_rlhf_kernels sends to the fused loop."""
+    used, fused = [], integration.generate
+    monkeypatch.setattr(integration, "generate", lambda *a, **k: used.append(k) or fused(*a, **k))
+    return used
+
+
+def test_min_p_and_suppress_tokens_are_honoured(rng, monkeypatch):
+    """The two reported cases, now on the fused path: min_p=0.5 emitted tokens below min_p,
+    suppress_tokens emitted the suppressed token."""
     model = build(CONFIGS["llama-gqa-tied"], seed=2)
     ids, mask = left_padded_prompts([5] * 64, rng)
     greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
                             do_sample=False, pad_token_id=0, eos_token_id=None)
     banned = int(greedy[0, 5])
     apply_rlhf_kernels(model)
+    used = spy_fused(monkeypatch)
     config = tf.GenerationConfig(do_sample=False, suppress_tokens=[banned], max_new_tokens=6,
                                  pad_token_id=0)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    assert not bool((out[:, 5:] == banned).any())
+    assert len(used) == 1 and not bool((out[:, 5:] == banned).any())
     config = tf.GenerationConfig(do_sample=True, min_p=0.5, top_k=0, temperature=2.0,
                                  max_new_tokens=6, pad_token_id=0, eos_token_id=None)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert len(used) == 2
     full = torch.cat([mask, torch.ones_like(out[:, 5:])], 1)
     with torch.no_grad():
         logits = model(input_ids=out, attention_mask=full).logits[:, 4:-1] / 2.0
     probs = logits.softmax(-1)
     chosen = probs.gather(-1, out[:, 5:, None])[..., 0]
     sampled = _sampled(out[:, 5:]).bool()  # not the pads after EOS
+    # 1e-5: the teacher-forced forward's rounding against the decode loop's
     assert bool((chosen >= 0.5 * probs.max(-1).values - 1e-5)[sampled].all())
 
 
@@ -98,47 +110,126 @@ def _sampled(response):
     return response_mask_from(response, torch.tensor([2]))
 
 
-def _first_token_probs(model, ids, config):
-    """The exact distribution of the first new token under HF's own warpers for `config`."""
-    with torch.no_grad():
-        logits = model(input_ids=ids[:1]).logits[:, -1]
-    warpers = tf.LogitsProcessorList()
-    if config["temperature"] != 1.0:
-        warpers.append(tf.TemperatureLogitsWarper(config["temperature"]))
-    if config["top_k"]:
-        warpers.append(tf.TopKLogitsWarper(config["top_k"]))
-    if config["top_p"] < 1.0:
-        warpers.append(tf.TopPLogitsWarper(config["top_p"]))
-    return warpers(ids[:1], logits).softmax(-1)[0]
+SERVED_CASES = {  # call options, and the option a sampler blind to it would miss (None: none)
+    "default-top_k": (dict(temperature=3.0), None),  # HF's default top_k=50
+    "k20": (dict(temperature=0.7, top_k=20), None),
+    "p0.8": (dict(temperature=2.0, top_k=0, top_p=0.8), None),
+    # top-p of the top-k distribution renormalised (HF), not of the whole vocabulary
+    "k20-p0.5": (dict(temperature=2.0, top_k=20, top_p=0.5), "top_k"),
+    "min_p0.3": (dict(temperature=1.0, top_k=0, min_p=0.3), "min_p"),
+    "k40-min_p0.3": (dict(temperature=1.0, top_k=40, min_p=0.3), "min_p"),
+    "penalty0.3": (dict(temperature=0.5, top_k=0, repetition_penalty=0.3),
+                   "repetition_penalty"),
+    "suppress": (dict(temperature=0.7, top_k=0, suppress_tokens="likely"), "suppress_tokens"),
+}
+DRAWS = 8000
 
 
-SERVED_CASES = [
-    dict(temperature=3.0, top_k=50, top_p=1.0, given={}),  # HF's default top_k=50
-    dict(temperature=0.7, top_k=20, top_p=1.0, given=dict(top_k=20)),
-    dict(temperature=2.0, top_k=0, top_p=0.8, given=dict(top_k=0, top_p=0.8)),
-]
+def _blind_probs(model, ids, mask, options, miss):
+    """The first-token distribution of a sampler that ignores `miss`; for top_k: top-p of the
+    whole vocabulary, then top-k (the fused sampler's own rule for the pair)."""
+    if miss == "top_k":
+        z = first_token_logits(model, ids, mask) / options["temperature"]
+        on_full = tf.TopPLogitsWarper(options["top_p"])(None, z)
+        return tf.TopKLogitsWarper(options["top_k"])(None, on_full)[0].softmax(-1)
+    rest = {k: v for k, v in options.items() if k != miss}
+    return hf_first_token_probs(model, ids, mask, **rest)[0]
+
+
+def _repetitive_prompt(model, rng):
+    """[1, 10] a left padded prompt ending in the model's own greedy continuation (which
+    repeats itself: the tokens a repetition penalty changes are likely)."""
+    ids, mask = left_padded_prompts([4, 2], rng)
+    ids = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)[1:]
+    return ids, torch.cat([mask[1:], torch.ones(1, 6, dtype=torch.long)], 1)
+
+
+def _case(model, case, rng):
+    """(prompt [1, P], its mask, options, HF's first-token distribution, tv_bound): for an
+    option a blind sampler would miss, the first of ten random prompts on which it misses it by
+    more than twice the bound (chosen before any fused draw: the bound's guarantee holds)."""
+    for _ in range(10):
+        ids, mask = _repetitive_prompt(model, rng)
+        options = dict(SERVED_CASES[case][0], do_sample=True)
+        if options.get("suppress_tokens") == "likely":
+            plain = hf_first_token_probs(model, ids, mask, **dict(options, suppress_tokens=None))
+            options["suppress_tokens"] = plain[0].argsort(descending=True)[:8].tolist()
+        exact = hf_first_token_probs(model, ids, mask, **options)[0]
+        bound, miss = tv_bound(exact, DRAWS), SERVED_CASES[case][1]
+        if miss is None or total_variation(_blind_probs(model, ids, mask, options, miss),
+                                           exact) > 2 * bound:
+            return ids, mask, options, exact, bound
+    pytest.fail(f"{case}: no prompt on which {miss} changes the distribution")
+
+
+# each case through one of the two ways of giving options, in turn
+@pytest.mark.parametrize("case,as_config", [(case, i % 2 == 1)
+                                            for i, case in enumerate(SERVED_CASES)])
+def test_served_sampling_matches_hf_distribution(case, as_config, rng, monkeypatch):
+    """The first new token of one prompt drawn DRAWS times: its histogram is within tv_bound
+    of HF's processed distribution (HF's own processor list; exceeded by chance with
+    probability < 1e-6), and a sampler blind to the option would be off by twice that."""
+    model = build(CONFIGS["llama-gqa-tied"], seed=2)
+    ids, mask, options, exact, bound = _case(model, case, rng)
+    apply_rlhf_kernels(model)
+    used = spy_fused(monkeypatch)
+    call = dict(max_new_tokens=1, pad_token_id=0, **options)
+    args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
+    out = model.generate(input_ids=ids.expand(DRAWS, -1), attention_mask=mask.expand(DRAWS, -1),
+                         **args)
+    assert used, "a served call must take the fused path"
+    counts = torch.bincount(out[:, -1], minlength=exact.numel()).float()
+    assert counts[exact == 0].sum() == 0  # never outside HF's support
+    assert total_variation(counts / counts.sum(), exact) < bound
 
 
 @pytest.mark.parametrize("as_config", [False, True], ids=["kwargs", "generation_config"])
-@pytest.mark.parametrize("case", SERVED_CASES, ids=["default-top_k", "k20", "p0.8"])
-def test_served_sampling_matches_hf_distribution(case, as_config, rng, monkeypatch):
+def test_served_greedy_penalty_and_suppression_equal_hf(as_config, rng, monkeypatch):
     model = build(CONFIGS["llama-gqa-tied"], seed=2)
-    prompt = torch.randint(3, 211, (1, 6), generator=rng)
-    ids = prompt.expand(4000, -1).contiguous()
-    exact = _first_token_probs(model, ids, case)
+    ids, mask = left_padded_prompts([4, 7, 2, 5], rng)
+    ids = torch.where(mask == 0, torch.randint(3, 211, ids.shape, generator=rng), ids)
+    base = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=5)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **base)
+    often = torch.bincount(plain[:, 7:].flatten()).argmax().item()
+    calls = [dict(base, repetition_penalty=1.6), dict(base, suppress_tokens=[often]),
+             dict(base, repetition_penalty=0.7, suppress_tokens=[often, 9])]
+    expected = [model.generate(input_ids=ids, attention_mask=mask, **c) for c in calls]
+    assert all(not torch.equal(e, plain) for e in expected)  # each option changes the answer
     apply_rlhf_kernels(model)
-    used = []
-    fused = integration.generate
-    monkeypatch.setattr(integration, "generate", lambda *a, **k: used.append(1) or fused(*a, **k))
-    call = dict(do_sample=True, temperature=case["temperature"], max_new_tokens=1,
-                pad_token_id=0, **case["given"])
-    args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **args)
-    assert used, "a served call must take the fused path"
-    counts = torch.bincount(out[:, -1], minlength=exact.numel()).float()
-    assert counts[exact == 0].sum() == 0  # never outside HF's top-k / top-p support
-    total_variation = 0.5 * (counts / counts.sum() - exact).abs().sum()
-    assert total_variation < 0.08, float(total_variation)
+    used = spy_fused(monkeypatch)
+    for call, theirs in zip(calls, expected):
+        args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **args), theirs)
+    assert len(used) == len(calls)
+
+
+def test_penalty_declined_where_hf_penalises_the_padding(rng, monkeypatch, caplog):
+    """A transformers whose repetition penalty counts the left padding (older ones) is not the
+    one the fused loop reproduces: the call goes to HF, said once."""
+    model = build(CONFIGS["llama-gqa-tied"], seed=2)
+    ids, mask = left_padded_prompts([4, 2], rng)
+    assert integration._penalty_skips_left_padding(model)  # this transformers
+    monkeypatch.setattr(integration, "_PROBE", {"skips": False})
+    apply_rlhf_kernels(model)
+    monkeypatch.setattr(integration, "generate", lambda *a, **k: pytest.fail("fused path used"))
+    call = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, repetition_penalty=1.5)
+    with caplog.at_level(logging.WARNING, logger="rlhf_kernels.integrations"):
+        for _ in range(2):
+            model.generate(input_ids=ids, attention_mask=mask, **call)
+    said = [r.getMessage() for r in caplog.records if "falls back to HF" in r.getMessage()]
+    assert len(said) == 1 and "left padding" in said[0], said
+
+
+def test_integer_penalty_gets_hfs_own_error(rng, monkeypatch):
+    """HF refuses repetition_penalty=2 (not a float): the call goes to HF, which says so."""
+    model = build(CONFIGS["llama-gqa-tied"], seed=2)
+    ids, mask = left_padded_prompts([4, 2], rng)
+    apply_rlhf_kernels(model)
+    monkeypatch.setattr(integration, "generate", lambda *a, **k: pytest.fail("fused path used"))
+    with pytest.raises(ValueError, match="strictly positive float"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                       pad_token_id=0, repetition_penalty=2)
 
 
 def test_plain_do_sample_keeps_to_default_top_k(rng, monkeypatch):
@@ -148,9 +239,7 @@ def test_plain_do_sample_keeps_to_default_top_k(rng, monkeypatch):
     model.generation_config.temperature = 4.0  # flat enough that top-k=50 binds
     ids, mask = left_padded_prompts([5, 3, 6, 2] * 16, rng)
     apply_rlhf_kernels(model)
-    used = []
-    fused = integration.generate
-    monkeypatch.setattr(integration, "generate", lambda *a, **k: used.append(1) or fused(*a, **k))
+    used = spy_fused(monkeypatch)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=8,
                          pad_token_id=0, eos_token_id=None)
     assert used

@@ -49,3 +49,19 @@ def test_smollm2_greedy_equals_hf_and_logprobs_match(smollm2):
     full = torch.cat([batch.attention_mask, ours.response_mask], 1)
     expected = response_logprobs(model, ours.sequences, full, prompt_len, 1.0)
     torch.testing.assert_close(ours.logprobs, expected * ours.response_mask, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_with_penalty_and_suppression_equals_hf(smollm2):
+    """repetition_penalty and suppress_tokens on a real vocabulary (49152 tokens): the prompts'
+    tokens and the answers' count, the left padding does not (HF's rule)."""
+    model, tokenizer = smollm2
+    batch = tokenizer([p + " " + p for p in PROMPTS], return_tensors="pt", padding=True)
+    plain = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    often = torch.bincount(plain[:, batch.input_ids.shape[1]:].flatten()).argmax().item()
+    options = dict(repetition_penalty=1.3, suppress_tokens=[often])
+    theirs = model.generate(**batch, max_new_tokens=20, do_sample=False, **options)
+    assert not torch.equal(theirs, plain)
+    ours = generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=20,
+                    temperature=0, **options)
+    assert ours.path == "fused:llama" and torch.equal(ours.sequences, theirs)

@@ -49,12 +49,16 @@ def response_logprobs(model, sequences, attention_mask, prompt_len: int, tempera
 
 
 def hf_generate(model, input_ids, attention_mask, *, max_new_tokens, temperature, top_k, top_p,
-                eos_ids, pad_token_id):
-    """(response tokens [B, N], logprobs [B, N] float32, response mask [B, N])."""
-    options = dict(do_sample=False)
+                processing, eos_ids, pad_token_id):
+    """(response tokens [B, N], logprobs [B, N] float32, response mask [B, N]); `processing`:
+    processors.Processing, passed on as HF's own options."""
+    # every option given, neutral ones too: the model's generation_config must not fill them in
+    options = dict(do_sample=False, repetition_penalty=processing.repetition_penalty,
+                   suppress_tokens=list(processing.suppress_tokens) or None)
     if temperature > 0:
         # top_k 0 turns HF's top-k off; None would get its default top_k=50
-        options = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        options.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=processing.min_p or None)
     prompt_len = input_ids.shape[1]
     # HF's own generate: `model.generate` may be apply_rlhf_kernels' wrapper, which would
     # send this call back here (a RecursionError with unmerged LoRA)

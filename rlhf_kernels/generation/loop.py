@@ -5,6 +5,13 @@
               P + t and attends over [pads_b, P + t]; the sampler returns token + log-prob
               (greedy when temperature is 0); finished rows emit pad_token_id.
 
+The sampled distribution is HF `generate`'s for the same options: repetition_penalty,
+suppress_tokens, min_p and top_k with top_p < 1 run in processors.py (HF's order and arithmetic)
+before the sampler; min_p with top_p < 1 is not served and takes the HF path.
+The behaviour log-probs are those of the model's own distribution at the sampling temperature,
+log_softmax(logits / T)[token] over the full vocabulary (log_softmax(logits) when greedy), what
+training recomputes, whatever the processors did to the sampled distribution.
+
 Every step has the same shapes and touches only preallocated tensors, so on CUDA it is
 captured once as a CUDA graph and replayed. Without a graph (the CPU), finished rows are
 dropped from the batch instead. Models with no adapter go through HF `generate`.
@@ -27,6 +34,7 @@ from .adapters import adapter_for, unwrap
 from .adapters.attention import DecodeAttention, PrefillAttention
 from .cache import StaticKVCache
 from .fallback import hf_generate, position_ids_from_mask, say_once
+from .processors import LogitsProcessors, Processing, unserved
 
 
 @dataclass
@@ -107,12 +115,19 @@ def _eos_tensor(model, eos_token_id, device):
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
-             pad_token_id=None, generator=None, cache: StaticKVCache | None = None,
-             cuda_graph: bool = True, fused: bool = True,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, suppress_tokens=None, min_p: float = 0.0,
+             eos_token_id=None, pad_token_id=None, generator=None,
+             cache: StaticKVCache | None = None, cuda_graph: bool = True, fused: bool = True,
              backend: str = "auto") -> GenerationOutput:
     """Sample (or greedily pick, temperature=0) up to `max_new_tokens` tokens per prompt.
 
+    The options mean what they mean in HF `generate` (with do_sample = temperature > 0), in its
+    order: repetition_penalty (1 = off; the prompt's tokens count, its left padding does not),
+    suppress_tokens (ids never emitted), then when sampling temperature, top_k (0 = off),
+    top_p (top-p of the top-k distribution), min_p (0 = off).
+    `logprobs` are log_softmax(logits / T)[token] of the model's unprocessed logits (see the
+    module's docstring), 0 after EOS.
     Stops early when every sequence has emitted EOS, so N <= max_new_tokens (as HF does).
     `max_new_tokens=0` returns the prompts and empty [B, 0] log-probs / mask.
     `generator` seeds the draws of the fused path (a torch.Generator on any device: the draws are
@@ -120,6 +135,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     `fused=False` takes the HF path even when an adapter exists (the baseline of benchmarks).
     """
     temperature, top_k, top_p = decode_ops.check_sampling(temperature, top_k, top_p)
+    processing = Processing.checked(repetition_penalty, suppress_tokens, min_p)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
     model = unwrap(model)
@@ -134,23 +150,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     if max_new_tokens == 0:
         empty = torch.zeros(batch, 0, device=input_ids.device)
         return GenerationOutput(input_ids, empty, empty.long(), "empty")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, processing=processing, eos_ids=eos, pad_token_id=pad_token_id)
     adapter, why = adapter_for(model) if fused else (None, "fused path turned off (fused=False)")
-    if adapter is None:
+    why = why if adapter is None else unserved(temperature, top_p, processing.min_p)
+    if why is not None:
         if fused:
             say_once(why)
-        response, logp, response_mask = hf_generate(
-            model, input_ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, eos_ids=eos, pad_token_id=pad_token_id)
-        # HF's greedy path picks a token from NaN logits without a word: the log-probs of the
-        # teacher-forced forward show it
-        nan_rows = (torch.isnan(logp) & (response_mask != 0)).any(-1)
-        if bool(nan_rows.any()):
-            raise ref_sample.NonFiniteLogitsError(
-                f"generate: sequences {nan_rows.nonzero().flatten().tolist()} got "
-                f"NaN log-probs: the model produced NaN logits (look for NaN or "
-                f"inf in its weights, inputs or activations)")
-        return GenerationOutput(torch.cat([input_ids, response], 1), logp, response_mask,
-                                f"fallback: {why}")
+        return _generate_with_hf(model, input_ids, mask, why, options)
     total = prompt_len + max_new_tokens
     adapter.check_length(total)
     layout = (adapter.num_layers, batch, adapter.kv_heads, total, adapter.head_dim,
@@ -164,10 +171,24 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     decoder = _Decoder(adapter, cache, input_ids.to(adapter.device), mask.to(adapter.device),
                        backend, use_graph=cuda_graph and adapter.device.type == "cuda"
                        and adapter.graph_safe)
-    tokens, logp, response_mask = decoder.run(max_new_tokens, temperature, top_k, top_p,
-                                              eos.to(adapter.device), pad_token_id, generator)
+    options["eos_ids"] = eos.to(adapter.device)
+    tokens, logp, response_mask = decoder.run(generator=generator, **options)
     sequences = torch.cat([input_ids, tokens.to(input_ids.device, input_ids.dtype)], 1)
     return GenerationOutput(sequences, logp, response_mask, f"fused:{adapter.family}")
+
+
+def _generate_with_hf(model, input_ids, mask, why, options):
+    response, logp, response_mask = hf_generate(model, input_ids, mask, **options)
+    # HF's greedy path picks a token from NaN logits without a word: the log-probs of the
+    # teacher-forced forward show it
+    nan_rows = (torch.isnan(logp) & (response_mask != 0)).any(-1)
+    if bool(nan_rows.any()):
+        raise ref_sample.NonFiniteLogitsError(
+            f"generate: sequences {nan_rows.nonzero().flatten().tolist()} got "
+            f"NaN log-probs: the model produced NaN logits (look for NaN or "
+            f"inf in its weights, inputs or activations)")
+    return GenerationOutput(torch.cat([input_ids, response], 1), logp, response_mask,
+                            f"fallback: {why}")
 
 
 class _Decoder:
@@ -177,10 +198,11 @@ class _Decoder:
         self.adapter, self.cache = adapter, cache
         batch, prompt_len = input_ids.shape
         device = adapter.device
-        self.kernel = decode_ops.attention_kernel(backend, device, adapter.head_dim)
+        self.kernel = decode_ops.attention_kernel(backend, device, adapter.head_dim,
+                                                   adapter.dtype)
         adapter.use_kernels(backend)
         adapter.tabulate_positions(cache.max_len)  # positions never pass the cache's length
-        self.sample = decode_ops.sample_kernel(backend, device)
+        self.sample = decode_ops.sample_kernel(backend, device, adapter.dtype)
         self.backend, self.use_graph = backend, use_graph
         self.input_ids, self.mask = input_ids, mask
         positions = position_ids_from_mask(mask)
@@ -216,12 +238,20 @@ class _Decoder:
             return logits
         return replay
 
-    def choose(self, logits, temperature, top_k, top_p, generator):
+    def choose(self, logits, sampling, generator, rows):
         """(tokens, log-probs); a token < 0 marks an error row (reference/sample.py)."""
+        temperature, top_k, top_p, processors = sampling
+        raw = logits
+        if processors is not None:
+            logits, top_k = processors(logits, rows), processors.sampler_top_k
         if temperature == 0:
-            return ref_sample.greedy(logits)
-        uniforms = ref_sample.draw_uniforms(logits.shape[0], generator, logits.device)
-        return self.sample(logits, temperature, top_k, top_p, uniforms)
+            token, token_logp = ref_sample.greedy(logits)
+        else:
+            uniforms = ref_sample.draw_uniforms(logits.shape[0], generator, logits.device)
+            token, token_logp = self.sample(logits, temperature, top_k, top_p, uniforms)
+        if processors is not None:  # the model's own log-probs, not the processed ones
+            token_logp = processors.behaviour_logprobs(raw, token)
+        return token, token_logp
 
     def compact(self, keep, length):
         """Drop finished rows: the rows `keep` (indices into the current batch) move to the
@@ -233,11 +263,16 @@ class _Decoder:
         self.length, self.start = self.length[keep], self.start[keep]
 
     @torch.no_grad()
-    def run(self, max_new_tokens, temperature, top_k, top_p, eos, pad_token_id, generator):
+    def run(self, max_new_tokens, temperature, top_k, top_p, processing, eos_ids, pad_token_id,
+            generator):
         """Without a CUDA graph the batch shrinks as sequences finish (`rows`: the original
         row of each one still running), once a quarter of it has ended: later steps cost what
         the running sequences need, which matters when a few long answers outlast the rest."""
-        batch, device = self.token.shape[0], self.token.device
+        batch, device, eos = self.token.shape[0], self.token.device, eos_ids
+        processors = LogitsProcessors(processing, self.input_ids, self.mask,
+                                      temperature=temperature, top_k=top_k, top_p=top_p) \
+            if processing.active(temperature, top_k, top_p) else None
+        sampling = (temperature, top_k, top_p, processors)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long,
                             device=device)
         logp = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
@@ -251,13 +286,15 @@ class _Decoder:
         logits = self.prefill()
         check_every = 16 if device.type == "cuda" else 1   # all-finished test = a host sync
         for t in range(max_new_tokens):
-            token, token_logp = self.choose(logits, temperature, top_k, top_p, generator)
+            token, token_logp = self.choose(logits, sampling, generator, rows)
             # an error row ends its sequence: no token < 0 is stored or fed to the embedding
             failed = (token < 0) & ~finished
             errors[rows] = torch.where(failed, token, errors[rows])
             error_step[rows] = torch.where(failed, t, error_step[rows])
             finished |= failed
             tokens[rows, t] = torch.where(finished, pad_token_id, token)
+            if processors is not None:
+                processors.observe(tokens[rows, t], rows)
             logp[rows, t] = torch.where(finished, 0.0, token_logp.float())
             alive[rows, t] = (~finished).long()
             finished |= torch.isin(token, eos)

@@ -8,12 +8,14 @@ Each call resolves the *effective* generation config the way HF's `generate` doe
 `generation_config` and kwargs over `model.generation_config` over transformers' defaults, by
 HF's own `_prepare_generation_config`), and the fused loop serves it only when every option is
 one it implements exactly: greedy or sampling with temperature / top-k / top-p (HF's default
-top_k=50 included), max_new_tokens (or max_length), eos / pad ids. It returns what HF returns
+top_k=50 included, top-p of the top-k distribution as HF) / min_p, repetition_penalty,
+suppress_tokens, max_new_tokens (or max_length), eos / pad ids. It returns what HF returns
 for them: the sequences [B, P + N] padded with the pad id after EOS. Any other option with a
-non-default value (min_p, penalties, suppress_tokens, beams, logits processors, streamers,
-return_dict, ...), a model the fused path cannot run exactly (unmerged LoRA, no adapter) or a
-transformers whose config machinery is not the one expected goes to HF's ORIGINAL `generate`
-(never the patched one, which would recurse), with one log line per reason.
+non-default value (other penalties and warpers, min_p with top_p < 1, beams, logits
+processors, streamers, return_dict, ...), a model the fused path cannot run exactly (unmerged
+LoRA, no adapter) or a transformers whose config machinery is not the one expected goes to
+HF's ORIGINAL `generate` (never the patched one, which would recurse), with one log line per
+reason.
 """
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ import logging
 import torch
 
 from ..generation import SUPPORTED_MODEL_TYPES, adapter_for, generate, unwrap
+from ..generation.processors import Processing, unserved
+# the layer kernels inside HF's own forwards (training forwards, gradient checkpointing)
+from .training_forward import (apply_rlhf_training_kernels,  # noqa: F401
+                               remove_rlhf_training_kernels)
 
 log = logging.getLogger("rlhf_kernels.integrations")
 
 # GenerationConfig fields the fused loop implements exactly, whatever their value
-USED = {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length",
-        "eos_token_id", "pad_token_id"}
+USED = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+        "suppress_tokens", "max_new_tokens", "max_length", "eos_token_id", "pad_token_id"}
 # fields that cannot change the output of a decoder-only sample / greedy call: metadata,
 # compilation and caching switches, beam-search-only or assistant-only knobs (beams and
 # assistants themselves are declined below)
@@ -40,9 +46,9 @@ INERT = {"_from_model_config", "transformers_version", "bos_token_id", "decoder_
 SERVED = USED | INERT
 # served only at their neutral value (None, transformers' global default or NEUTRAL_EXTRA)
 DECLINED = {
-    "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
     "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+    "bad_words_ids", "begin_suppress_tokens", "sequence_bias",
     "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
     "remove_invalid_values", "renormalize_logits", "min_length", "min_new_tokens", "max_time",
     "stop_strings", "num_beams", "num_beam_groups", "diversity_penalty", "constraints",
@@ -161,19 +167,61 @@ def _plan(model, args, kwargs):
     sample = bool(config.do_sample)
     if sample and not (config.temperature or 0) > 0:
         raise Declined(f"do_sample with temperature={config.temperature!r}")
-    vocab = getattr(hf.config, "vocab_size", None) or float("inf")
-    if sample and 0 < (config.top_k or 0) < vocab and (config.top_p or 1.0) < 1.0:
-        # the fused sampler's top-p counts the mass before top-k, HF's after (renormalized)
-        raise Declined(f"top_k={config.top_k} with top_p={config.top_p} is not served")
     adapter, why = adapter_for(hf)
     if adapter is None:
         raise Declined(why)
+    sampling = dict(temperature=config.temperature, top_k=config.top_k or 0,
+                    top_p=config.top_p if config.top_p is not None else 1.0,
+                    min_p=config.min_p or 0.0) if sample else dict(temperature=0.0)
     return dict(model=hf, input_ids=ids, attention_mask=model_kwargs.get("attention_mask"),
                 max_new_tokens=_new_tokens(hf, config, user_config, kwargs, ids.shape[1]),
-                temperature=config.temperature if sample else 0.0,
-                top_k=(config.top_k or 0) if sample else 0,
-                top_p=(config.top_p if config.top_p is not None else 1.0) if sample else 1.0,
+                **sampling, **_processing(hf, config, sample),
                 eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+
+def _processing(hf, config, sample):
+    """repetition_penalty and suppress_tokens as the fused loop takes them, or Declined: an
+    option HF takes and the loop refuses, min_p with top_p < 1, a repetition penalty that this
+    transformers applies to the left padding too."""
+    penalty = config.repetition_penalty if config.repetition_penalty is not None else 1.0
+    if penalty != 1.0 and not isinstance(penalty, float):  # HF's processor raises for it
+        raise Declined(f"repetition_penalty={penalty!r} is not a float")
+    try:
+        processing = Processing.checked(penalty, config.suppress_tokens,
+                                        (config.min_p or 0.0) if sample else 0.0)
+    except (TypeError, ValueError) as err:
+        raise Declined(str(err)) from None
+    why = unserved(config.temperature if sample else 0.0,
+                   config.top_p if config.top_p is not None else 1.0, processing.min_p)
+    if why is not None:
+        raise Declined(why)
+    if processing.repetition_penalty != 1.0 and not _penalty_skips_left_padding(hf):
+        raise Declined(f"repetition_penalty={penalty}: this transformers also penalises the "
+                       f"prompts' left padding, the fused loop does not")
+    return dict(repetition_penalty=processing.repetition_penalty,
+                suppress_tokens=processing.suppress_tokens)
+
+
+_PROBE = {}
+
+
+def _penalty_skips_left_padding(hf) -> bool:
+    """Whether HF's repetition penalty leaves out the prompts' left padding (the installed
+    transformers passes it the attention mask's padding lengths; older ones penalise every
+    input id): asked of HF's own processor list once per process, on a 2-token prompt
+    [pad, token]."""
+    if "skips" not in _PROBE:
+        try:
+            from transformers import GenerationConfig
+            processors = hf._get_logits_processor(
+                generation_config=GenerationConfig(repetition_penalty=2.0),
+                input_ids_seq_length=2, device="cpu",
+                model_kwargs={"attention_mask": torch.tensor([[0, 1]])})
+            scores = processors(torch.tensor([[1, 2]]), torch.ones(1, 4))
+            _PROBE["skips"] = scores[0].tolist() == [1.0, 1.0, 0.5, 1.0]
+        except Exception:  # another signature or behaviour: not the one the loop reproduces
+            _PROBE["skips"] = False
+    return _PROBE["skips"]
 
 
 def _fused_generate(model, original):
