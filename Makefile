@@ -4,6 +4,7 @@
 #   make check-cuda  compile + link the CUDA kernels with no GPU (CUDA torch in its own venv)
 #   make bench       benchmarks, tables under benchmarks/results/
 #   make test-gpu    on a machine with a GPU: CUDA and Triton kernels for real
+#   make gpu-check   one-shot device check, offline, the machine's own python (OUT=dir; DRY=1: CPU)
 PYTHON ?= python3
 VENV ?= .venv
 VENV_CUDA ?= .venv-cuda
@@ -14,7 +15,7 @@ CPU_STACK := torch==2.13.0 triton==3.8.0 deepspeed transformers accelerate gguf 
 CUDA_ARCHS ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test demo demo-tiny check-cuda bench bench-smoke test-gpu clean
+.PHONY: venv build test test-peers demo demo-tiny check-cuda bench bench-smoke test-gpu gpu-check clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +29,15 @@ venv: $(VENV)/.installed
 build: venv
 	$(PY) -m pip install -q -e . --no-build-isolation
 
+# the pinned TRL / veRL / OpenRLHF versions under .peers/ (tests/test_peer_versions.py patches
+# each), then veRL's and OpenRLHF's own tests of the functions we patch, run with our patch applied
+test-peers: build
+	$(PY) tools/run_peer_tests.py shipped
+
 # two passes: the real Triton JIT (AOT compile checks), then the interpreter (Triton on CPU)
-test: build
+test: build test-peers
 	$(PY) -m pytest -q
+	$(PY) -m rlhf_kernels selftest --device cpu
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
 	# the CPU kernels' baseline (non-AVX2) build, which AVX2 machines never pick by themselves
 	RLHF_KERNELS_CPU_BASELINE=1 $(PY) -m pytest -q -k cpu tests/test_logprobs.py tests/test_ppo_loss.py tests/test_fused_linear.py tests/test_decode.py tests/test_rms_norm.py tests/test_rope.py tests/test_swiglu.py
@@ -53,6 +60,11 @@ bench: build
 test-gpu: build
 	$(PY) -m pytest -q -m "gpu or triton"
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# tools/gpu_check.sh: build for this GPU, report, selftest, GPU tests, benchmarks; logs in OUT
+OUT ?= output/gpu-check
+gpu-check:
+	PYTHON=$(PYTHON) MAX_JOBS=$$(nproc) tools/gpu_check.sh $(if $(filter 1,$(DRY)),--dry) $(OUT)
 
 $(VENV_CUDA)/.installed:
 	$(PYTHON) -m venv $(VENV_CUDA)

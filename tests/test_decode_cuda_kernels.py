@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conftest import CUDA_KERNEL_MARKS, cuda_extension
+from decode_guard import check_guarded, guarded_case
 
 from rlhf_kernels.reference.decode_attention import decode_attention as ref_attention
-from rlhf_kernels.reference.sample import kept_mask, sample as ref_sample
+from rlhf_kernels.reference.sample import divide_by_temperature, kept_mask, sample as ref_sample
 
 pytestmark = CUDA_KERNEL_MARKS
 
@@ -60,7 +61,7 @@ def run_attention(C, B, Hq, Hkv, D, S, dtype, lengths, starts, with_new, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
-@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (12, 4), (6, 1), (32, 2)])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (12, 4), (6, 1), (14, 2), (32, 2)])
 def test_attention_shapes(C, dtype, D, Hq, Hkv):
     gen = torch.Generator().manual_seed(D * 100 + Hq * 10 + Hkv)
     S = 300
@@ -90,6 +91,16 @@ def test_attention_empty_rows_are_zero(C):
     assert torch.equal(got, torch.zeros_like(got))
 
 
+def test_attention_out_of_range_lengths_stay_in_the_cache(C):
+    """Lengths the Python op refuses (len = S with k_new, len < 0, start < 0), given to the
+    kernel itself: clamped to the cache, nothing written outside it."""
+    case = guarded_case("cuda")
+    got = C.decode_attention_cuda(case["q"], *case["caches"], case["seqlens"], *case["new"],
+                                  case["start"], 0.125)
+    torch.cuda.synchronize()
+    check_guarded(case, got, ATOL[torch.float32])
+
+
 def test_attention_large_batch_one_split(C):
     gen = torch.Generator().manual_seed(2)
     lengths = [int(x) for x in torch.randint(0, 200, (64,), generator=gen)]
@@ -101,7 +112,7 @@ def check_sample(C, logits, temperature, top_k, top_p, u):
     tok, lp = C.sample_cuda(logits, temperature, top_k, top_p, u)
     torch.cuda.synchronize()
     want_tok, _ = ref_sample(logits, temperature, top_k, top_p, uniforms=u)
-    z = logits.float() / temperature
+    z = divide_by_temperature(logits, temperature)
     logp = torch.log_softmax(z.double(), -1)
     keep = kept_mask(z, top_k, top_p)
     assert tok.dtype == torch.int64 and lp.dtype == torch.float32

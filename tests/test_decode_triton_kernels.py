@@ -14,9 +14,10 @@ import torch
 
 
 from conftest import TRITON_DEVICE, TRITON_KERNEL_MARKS  # noqa: E402
+from decode_guard import check_guarded, guarded_case  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
-from rlhf_kernels.reference.sample import kept_mask  # noqa: E402
+from rlhf_kernels.reference.sample import divide_by_temperature, kept_mask  # noqa: E402
 from rlhf_kernels.triton import decode_attention as dak  # noqa: E402
 from rlhf_kernels.triton import sample as smk  # noqa: E402
 
@@ -98,10 +99,20 @@ def test_decode_attention_many_splits(monkeypatch):
     torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=2e-5)
 
 
+def test_decode_attention_out_of_range_lengths_stay_in_the_cache(monkeypatch):
+    """Lengths the Python op refuses (len = S with k_new, len < 0, start < 0), given to the
+    launcher itself: clamped to the cache, nothing written outside it (several splits)."""
+    monkeypatch.setattr(dak, "SPLIT_MIN_LEN", 16)
+    case = guarded_case(DEV)
+    got = dak.decode_attention(case["q"], *case["caches"], case["seqlens"], *case["new"],
+                               case["start"], 0.125)
+    check_guarded(case, got, TOL[torch.float32])
+
+
 def check_sample(logits, temperature, top_k, top_p, u):
     tokens, logp = smk.sample(logits, temperature, top_k, top_p, u)
     assert tokens.dtype == torch.int64 and logp.dtype == torch.float32
-    z = logits.float() / temperature
+    z = divide_by_temperature(logits, temperature)
     keep = kept_mask(z, top_k, top_p)
     full = torch.log_softmax(z.double(), -1)
     probs = torch.where(keep, full.exp(), 0.0)

@@ -1,12 +1,16 @@
 // Decode attention (flash-decoding, split KV) and sampling on CUDA; contracts in ../decode.h.
 // Neither function reads a device value on the host, so both can be captured in CUDA graphs.
 //
-// Attention. Grid (B * Hkv, splits, head tiles), 128 threads. A CTA owns one KV head and a tile
-// of G <= 8 of its query heads (all of them when Hq / Hkv <= 8), so each K / V row is read once
-// for the whole GQA group. The visible range [start, end) of a sequence is cut on the device
-// into `splits` chunks (>= MIN_CHUNK positions each, so short sequences leave late splits
-// empty): the host only knows S_max, and picks `splits` from S_max, B * Hkv and the SM count so
-// the grid covers the GPU a few times over. Inside a CTA a row group of L lanes reads one row
+// Attention. Grid (B * Hkv * head tiles, splits), 128 threads. A CTA owns one KV head and a tile
+// of G <= 4 of its query heads (all of them when Hq / Hkv <= 4), so each K / V row is read once
+// per tile. G = 8 took 246-255 registers for 16-bit caches (ptxas, sm_90: 2 CTAs per SM), and
+// capping it with __launch_bounds__ spilled in the inner loop; G <= 4 stays at <= 168 with no
+// spill. A larger group takes several tiles, consecutive in blockIdx.x so that they run together
+// and the later tiles' K / V reads hit L2 (to measure on a GPU: bench_generation's decode rows).
+// The visible range [start, end) of a sequence is cut on the device into `splits` chunks
+// (>= MIN_CHUNK positions each, so short sequences leave late splits empty): the host only knows
+// S_max, and picks `splits` from S_max, B * Hkv * tiles and the SM count so the grid covers the
+// GPU a few times over. Inside a CTA a row group of L lanes reads one row
 // with 16-byte packs (L = packs per row rounded up to a power of two, at most 32), so a warp
 // reads 32 / L rows at a time and the dot product is an L-lane shuffle reduction. Each row group
 // keeps an fp32 online softmax (base 2, scale * log2(e) folded into q) for its G heads over every
@@ -20,13 +24,14 @@
 // for it. No CTA ever reads the cache row being written, so this is race-free under any CTA
 // order, in one launch. Values out of range (validated in Python) are clamped for memory safety.
 //
-// Sampling. One CTA of 1024 threads per row; z = logit * (1 / T) in fp32, which is how torch's
-// CUDA kernel computes logits / T, so ties and the top-k value match the reference bit for bit.
+// Sampling. One CTA of 1024 threads per row; z = logit / T, an IEEE float32 division (__fdiv_rn,
+// whatever the compiler's division flags), as the contract and the torch reference compute it,
+// so ties and the top-k value match the reference bit for bit (x * (1 / T) can differ by 1 ulp).
 // Pass 1: online max m and S = sum exp(z - m). Thresholds are keys (z's bits mapped to an
-// order-preserving uint32): the kept set is {key >= max(Tk, Tp)}, where Tk is the largest t with
-// #(key >= t) >= k (the k-th largest key: ties kept) and Tp the largest t with
-// mass(key >= t) >= top_p * S (mass(key > Tp) < top_p, and Tp's own token is kept). Both are
-// found by a 256-ary bisection (radix select), 4 passes of a shared histogram of the elements
+// order-preserving uint32, -0.0 taken as +0.0: they tie, as in the reference): the kept set
+// is {key >= max(Tk, Tp)}, where Tk is the largest t with #(key >= t) >= k (the k-th largest
+// key: ties kept) and Tp the largest t with mass(key >= t) >= top_p * S (mass(key > Tp) <
+// top_p, and Tp's own token is kept). Both are found by a 256-ary bisection (radix select), 4 passes of a shared histogram of the elements
 // matching the prefix found so far. Masses are accumulated as 2^-40 fixed-point uint64: integer
 // atomics commute, so the selection is deterministic run to run (float atomics are not), and
 // the truncation (< 2^-22 over 256k tokens) is far below any meaningful top_p gap. The walk
@@ -78,7 +83,7 @@ struct AttnParams {
   T *k_cache, *v_cache, *out;
   const int *seqlens, *starts;
   float *o_part, *lse_part;
-  int Hq, Hkv, S, group, splits;
+  int Hq, Hkv, S, group, splits, tiles;
   float scale_log2;
 };
 
@@ -104,9 +109,10 @@ template <typename T, int D, int G>
 __global__ void __launch_bounds__(ATT_THREADS) decode_split_kernel(AttnParams<T> p) {
   using Lo = Layout<T, D>;
   constexpr int E = Lo::E, L = Lo::L;
-  const int b = blockIdx.x / p.Hkv, kvh = blockIdx.x % p.Hkv, split = blockIdx.y;
-  const int h0 = kvh * p.group + blockIdx.z * G;  // first query head of this tile
-  const int gcount = min(G, p.group - static_cast<int>(blockIdx.z) * G);
+  const int tile = blockIdx.x % p.tiles, bkv = blockIdx.x / p.tiles, split = blockIdx.y;
+  const int b = bkv / p.Hkv, kvh = bkv % p.Hkv;
+  const int h0 = kvh * p.group + tile * G;  // first query head of this tile
+  const int gcount = min(G, p.group - tile * G);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, lane_r = lane & (L - 1);
 
   const bool has_new = p.k_new != nullptr;
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_split_kernel(AttnParams<T>
   const T* vc = p.v_cache + bk * p.S * D;
   const T* kn = has_new ? p.k_new + bk * D : nullptr;
   const T* vn = has_new ? p.v_new + bk * D : nullptr;
-  if (pos_new >= 0 && split == 0 && blockIdx.z == 0) {
+  if (pos_new >= 0 && split == 0 && tile == 0) {
     for (int c = tid; c < Lo::PACKS; c += ATT_THREADS) {
       reinterpret_cast<Pack<T>*>(p.k_cache + (bk * p.S + pos_new) * D)[c] =
           reinterpret_cast<const Pack<T>*>(kn)[c];
@@ -264,8 +270,7 @@ void launch_split_g(const AttnParams<T>& p, int G, dim3 grid, cudaStream_t strea
   switch (G) {
     case 1: return launch_split<T, D, 1>(p, grid, stream);
     case 2: return launch_split<T, D, 2>(p, grid, stream);
-    case 4: return launch_split<T, D, 4>(p, grid, stream);
-    default: return launch_split<T, D, 8>(p, grid, stream);
+    default: return launch_split<T, D, 4>(p, grid, stream);
   }
 }
 
@@ -273,23 +278,26 @@ void launch_split_g(const AttnParams<T>& p, int G, dim3 grid, cudaStream_t strea
 constexpr int SMP_THREADS = 1024, SMP_WARPS = SMP_THREADS / 32, WALK_E = 4;
 constexpr double FIX_ONE = 1099511627776.0;  // 2^40
 
-__device__ __forceinline__ uint32_t order_key(float z) {  // monotone: z1 < z2 <=> key1 < key2
-  const uint32_t u = __float_as_uint(z);
+// monotone: z1 < z2 <=> key1 < key2, and z1 == z2 <=> key1 == key2 (so -0.0 and +0.0 share a
+// key: top-k / top-p keep both or neither, as the float comparisons of the reference do)
+__device__ __forceinline__ uint32_t order_key(float z) {
+  uint32_t u = __float_as_uint(z);
+  if (u == 0x80000000u) u = 0u;  // -0.0 -> +0.0 on the bits: no float op a compiler could fold
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 // z of token i; in a row holding +inf (inf_row), 0 at the +inf tokens and -inf elsewhere: they
 // share the mass uniformly (rlhf_kernels/reference/sample.py)
 template <typename T>
-__device__ __forceinline__ float load_z(const T* x, int i, float inv_t, bool inf_row) {
-  const float z = static_cast<float>(x[i]) * inv_t;
+__device__ __forceinline__ float load_z(const T* x, int i, float temperature, bool inf_row) {
+  const float z = __fdiv_rn(static_cast<float>(x[i]), temperature);
   return inf_row ? (z == POS_INF ? 0.f : NEG_INF) : z;
 }
 
 // Largest t with f(t) = sum of weight(x) over key(x) >= t at least `target` (0 when even f(0)
 // falls short); weight 1 counts, weight exp(z - m) in 2^-40 fixed point weighs mass.
 template <typename T, bool MASS>
-__device__ uint32_t radix_select(const T* x, int V, float inv_t, bool inf_row, float m,
+__device__ uint32_t radix_select(const T* x, int V, float temperature, bool inf_row, float m,
                                  double target, unsigned long long* hist,
                                  unsigned long long* sh) {
   uint32_t prefix = 0;
@@ -299,7 +307,7 @@ __device__ uint32_t radix_select(const T* x, int V, float inv_t, bool inf_row, f
     __syncthreads();
     const uint32_t hi_mask = shift == 24 ? 0u : ~((1u << (shift + 8)) - 1u);
     for (int i = threadIdx.x; i < V; i += SMP_THREADS) {
-      const float z = load_z(x, i, inv_t, inf_row);
+      const float z = load_z(x, i, temperature, inf_row);
       const uint32_t key = order_key(z);
       if ((key & hi_mask) != prefix) continue;
       const unsigned long long w =
@@ -356,7 +364,7 @@ __device__ float block_scan(float v, float* warp_sums, float* total) {
 // Walks the kept tokens in index order. Returns the first index whose cumulative kept mass
 // exceeds target (-1 if none) and sets *w_total / *last_kept.
 template <typename T>
-__device__ int walk(const T* x, int V, float inv_t, bool inf_row, float m, uint32_t thr,
+__device__ int walk(const T* x, int V, float temperature, bool inf_row, float m, uint32_t thr,
                     float target, float* w_total, int* last_kept, float* warp_sums, float* sh_f,
                     int* sh_i) {
   float base = 0.f;
@@ -370,7 +378,7 @@ __device__ int walk(const T* x, int V, float inv_t, bool inf_row, float m, uint3
     for (int j = 0; j < WALK_E; ++j) {
       e[j] = 0.f;
       if (i0 + j < V) {
-        const float z = load_z(x, i0 + j, inv_t, inf_row);
+        const float z = load_z(x, i0 + j, temperature, inf_row);
         if (order_key(z) >= thr) e[j] = expf(z - m);
         if (e[j] > 0.f) last = i0 + j;  // an underflowed kept token is never returned
       }
@@ -398,7 +406,7 @@ __device__ int walk(const T* x, int V, float inv_t, bool inf_row, float m, uint3
 
 template <typename T>
 __global__ void __launch_bounds__(SMP_THREADS) sample_kernel(
-    const T* __restrict__ logits, int V, float inv_t, int top_k, float top_p,
+    const T* __restrict__ logits, int V, float temperature, int top_k, float top_p,
     const float* __restrict__ uniforms, int64_t* __restrict__ tokens, float* __restrict__ logps) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * V;
@@ -414,7 +422,7 @@ __global__ void __launch_bounds__(SMP_THREADS) sample_kernel(
   float m = NEG_INF;
   int n_nan = 0, n_inf = 0;
   for (int i = threadIdx.x; i < V; i += SMP_THREADS) {
-    const float z = static_cast<float>(x[i]) * inv_t;
+    const float z = __fdiv_rn(static_cast<float>(x[i]), temperature);
     if (isnan(z)) ++n_nan;
     else if (z == POS_INF) ++n_inf;
     else m = fmaxf(m, z);
@@ -440,7 +448,8 @@ __global__ void __launch_bounds__(SMP_THREADS) sample_kernel(
     m = 0.f;
     s = static_cast<float>(row_inf);
   } else {
-    for (int i = threadIdx.x; i < V; i += SMP_THREADS) s += expf(static_cast<float>(x[i]) * inv_t - m);
+    for (int i = threadIdx.x; i < V; i += SMP_THREADS)
+      s += expf(__fdiv_rn(static_cast<float>(x[i]), temperature) - m);
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (lane == 0) warp_s[warp] = s;
     __syncthreads();
@@ -450,24 +459,25 @@ __global__ void __launch_bounds__(SMP_THREADS) sample_kernel(
 
   uint32_t thr = 0;
   if (top_k > 0 && top_k < V)
-    thr = radix_select<T, false>(x, V, inv_t, inf_row, m, static_cast<double>(top_k), hist, sh);
+    thr = radix_select<T, false>(x, V, temperature, inf_row, m, static_cast<double>(top_k), hist,
+                                 sh);
   if (top_p < 1.f) {
     // the exact fixed-point total comes from the first histogram pass; S * 2^40 is within
     // V * 2^-40 relative of it, far below the resolution that matters for top_p
     const double target = static_cast<double>(top_p) * static_cast<double>(s) * FIX_ONE;
-    thr = max(thr, radix_select<T, true>(x, V, inv_t, inf_row, m, target, hist, sh));
+    thr = max(thr, radix_select<T, true>(x, V, temperature, inf_row, m, target, hist, sh));
   }
 
   float w_total;
   int last_kept;
-  walk(x, V, inv_t, inf_row, m, thr, POS_INF, &w_total, &last_kept, warp_sums, sh_f, sh_i);
+  walk(x, V, temperature, inf_row, m, thr, POS_INF, &w_total, &last_kept, warp_sums, sh_f, sh_i);
   const float u = uniforms[row];
-  int tok = walk(x, V, inv_t, inf_row, m, thr, u * w_total, &w_total, &last_kept, warp_sums,
+  int tok = walk(x, V, temperature, inf_row, m, thr, u * w_total, &w_total, &last_kept, warp_sums,
                  sh_f, sh_i);
   if (threadIdx.x == 0) {
     if (tok < 0) tok = max(last_kept, 0);  // rounding left the walk short: last kept token
     tokens[row] = tok;
-    logps[row] = (load_z(x, tok, inv_t, inf_row) - m) - logf(s);
+    logps[row] = (load_z(x, tok, temperature, inf_row) - m) - logf(s);
   }
 }
 
@@ -501,7 +511,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, fn, ": Hq must be a multiple of Hkv");
   TORCH_CHECK(D == 64 || D == 80 || D == 96 || D == 128 || D == 256, fn,
               ": head dim must be 64, 80, 96, 128 or 256");
-  TORCH_CHECK(S < (int64_t{1} << 31) - 2 && B * Hkv < (int64_t{1} << 31), fn, ": sizes too large");
+  TORCH_CHECK(S < (int64_t{1} << 31) - 2 && B * Hq < (int64_t{1} << 31), fn, ": sizes too large");
   auto check_idx = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device() == q.device() && t.scalar_type() == at::kInt && t.dim() == 1 &&
                     t.size(0) == B && t.is_contiguous(),
@@ -526,9 +536,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   const int group = static_cast<int>(Hq / Hkv);
-  // heads per CTA: the whole group up to 8 (3 -> 4 and 5..7 -> 8 compute a few spare heads);
-  // larger groups take several tiles, each rereading K / V (mostly from L2)
-  const int Gt = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  // heads per CTA: the whole group up to 4 (3 -> 4 computes a spare head); larger groups take
+  // several tiles, each rereading K / V (from L2: the tiles of a head are neighbours in the grid)
+  const int Gt = group <= 1 ? 1 : group <= 2 ? 2 : 4;
   const int tiles = (group + Gt - 1) / Gt;
   const int64_t base = B * Hkv * tiles;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -540,7 +550,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     o_part = at::empty({B, Hq, splits, D}, q.options().dtype(at::kFloat));
     lse_part = at::empty({B, Hq, splits}, q.options().dtype(at::kFloat));
   }
-  const dim3 grid(static_cast<unsigned>(B * Hkv), splits, tiles);
+  const dim3 grid(static_cast<unsigned>(base), splits);
 
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -556,7 +566,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     p.o_part = splits > 1 ? o_part.data_ptr<float>() : nullptr;
     p.lse_part = splits > 1 ? lse_part.data_ptr<float>() : nullptr;
     p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv), p.S = static_cast<int>(S);
-    p.group = group, p.splits = splits;
+    p.group = group, p.splits = splits, p.tiles = tiles;
     p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
     switch (D) {
       case 64: launch_split_g<T, 64>(p, Gt, grid, stream); break;
@@ -600,13 +610,13 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits, double 
   at::Tensor logps = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logps};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // torch's CUDA division by a scalar multiplies by its float reciprocal: same z bit for bit
-  const float inv_t = 1.f / static_cast<float>(temperature);
+  // z = x / float32(T), as the contract (../decode.h) and the torch reference divide
   const int k = static_cast<int>(std::min<int64_t>(top_k, V));
   auto run = [&](auto tag) {
     using T = decltype(tag);
     sample_kernel<T><<<static_cast<unsigned>(B), SMP_THREADS, 0, stream>>>(
-        logits.data_ptr<T>(), static_cast<int>(V), inv_t, k, static_cast<float>(top_p),
+        logits.data_ptr<T>(), static_cast<int>(V), static_cast<float>(temperature), k,
+        static_cast<float>(top_p),
         uniforms.data_ptr<float>(), tokens.data_ptr<int64_t>(), logps.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -282,8 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_cuda(
   Rows rows{nullptr, row_len};
   int64_t batch, longest;
   if (cu_seqlens.has_value()) {
-    TORCH_CHECK(cu_seqlens->is_cuda() && cu_seqlens->scalar_type() == at::kInt,
-                "gae_cuda: cu_seqlens must be CUDA int32");
+    TORCH_CHECK(cu_seqlens->is_cuda() && cu_seqlens->scalar_type() == at::kInt &&
+                    cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
+                "gae_cuda: cu_seqlens must be CUDA int32 [B + 1]");
     rows.cu = cu_seqlens->data_ptr<int32_t>();
     batch = cu_seqlens->numel() - 1;
     longest = rewards.numel();  // an upper bound: splits past a row's end do nothing
@@ -291,6 +292,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_cuda(
     TORCH_CHECK(row_len > 0 && rewards.numel() % row_len == 0, "gae_cuda: bad row_len");
     batch = rewards.numel() / row_len;
     longest = row_len;
+  }
+  auto fopts = rewards.options().dtype(at::kFloat);
+  TORCH_CHECK(batch > 0 || rewards.numel() == 0, "gae_cuda: cu_seqlens has no row for ",
+              rewards.numel(), " inputs");
+  if (rewards.numel() == 0) {  // nothing to scan (and no grid of 0 blocks, no division by 0)
+    return {at::empty({rewards.numel()}, fopts), at::empty({rewards.numel()}, fopts),
+            at::zeros({1}, rewards.options().dtype(at::kInt))};
   }
   // Enough blocks to fill the GPU: split rows only when there are too few of them.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -301,7 +309,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gae_cuda(
   Params p{static_cast<float>(gamma), static_cast<float>(gamma * lam), static_cast<int>(splits),
            (tiles + splits - 1) / splits};
 
-  auto fopts = rewards.options().dtype(at::kFloat);
   at::Tensor adv = at::empty({rewards.numel()}, fopts), ret = at::empty({rewards.numel()}, fopts);
   at::Tensor split_maps = at::empty({splits > 1 ? batch * splits * 5 : 1}, fopts);
   at::Tensor stats = at::zeros({3}, rewards.options().dtype(at::kDouble));

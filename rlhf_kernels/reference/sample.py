@@ -45,6 +45,17 @@ def draw_uniforms(n: int, generator, device) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=where).to(device)
 
 
+def divide_by_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z = logits / temperature as an IEEE float32 division by float32(temperature), on every
+    device: the contract's z (csrc/decode.h), which every sampling kernel computes. Dividing by
+    a Python number would not do on CUDA: torch turns a division by a CPU scalar into a multiply
+    by its float reciprocal there (ATen's div_true_kernel_cuda), which can differ by one ulp and
+    so move a tie at the top-k / top-p boundary. A 1-element tensor on the logits' own device is
+    divided truly (torch.full: a fill, no host-to-device copy)."""
+    t = torch.full((1,), temperature, dtype=torch.float32, device=logits.device)
+    return logits.float() / t
+
+
 def apply_nonfinite_rule(z: torch.Tensor):
     """(z with the rule applied, codes [B] int64: 0, NAN_ROW or EMPTY_ROW). The error rows'
     z become 0 everywhere, so that what runs after them stays defined (their results are
@@ -107,7 +118,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     given, replace the draws from `generator`. Error rows (the rule above) get a token < 0."""
     if temperature == 0:
         return greedy(logits)
-    z, codes = apply_nonfinite_rule(logits.float() / temperature)
+    z, codes = apply_nonfinite_rule(divide_by_temperature(logits, temperature))
     logp_full = torch.log_softmax(z, -1)
     probs = torch.where(kept_mask(z, top_k, top_p), logp_full.exp(), 0.0)
     if uniforms is None:

@@ -17,6 +17,8 @@ Three launches on one stream, so each sees the previous one's writes:
   3. decode_combine_kernel, grid (B * Hq,): merges the splits' partials by their lse. With one
      split (short caches, or enough B * Hkv to fill the GPU) step 2 writes the output directly.
 num_splits aims at ~2 programs per SM, with at least SPLIT_MIN_LEN cache positions per split.
+Out-of-range lengths / starts (refused by rlhf_kernels.decode_attention) are clamped to the cache
+in the kernels, as in the CUDA one: an append outside it writes nothing, reads stay inside.
 
 Scores are accumulated in float32; on a GPU the 16-bit tiles go to the tensor cores as they are
 (products of 16-bit values are exact in float32) and the probabilities are rounded to the V dtype
@@ -45,8 +47,10 @@ def kv_append_kernel(k_new_ptr, v_new_ptr, k_ptr, v_ptr, seqlens_ptr, H, S, D,
     d = tl.arange(0, BLOCK_D)
     src = (b * H + h) * D + d
     dst = ((b * H + h) * S + pos) * D + d
-    tl.store(k_ptr + dst, tl.load(k_new_ptr + src, mask=d < D), mask=d < D)
-    tl.store(v_ptr + dst, tl.load(v_new_ptr + src, mask=d < D), mask=d < D)
+    # a position outside the cache (the Python caller refuses it) writes nothing
+    ok = (d < D) & (pos >= 0) & (pos < S)
+    tl.store(k_ptr + dst, tl.load(k_new_ptr + src, mask=ok), mask=ok)
+    tl.store(v_ptr + dst, tl.load(v_new_ptr + src, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -61,9 +65,10 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, seqlens_ptr, start_ptr, out_ptr, pa
     end = tl.load(seqlens_ptr + b)
     if HAS_NEW:
         end += 1
+    end = tl.minimum(end, S)  # clamped to the cache, as the CUDA kernel does: memory safety
     begin = 0
     if HAS_START:
-        begin = tl.load(start_ptr + b)
+        begin = tl.maximum(tl.load(start_ptr + b), 0)
     chunk = tl.cdiv(tl.maximum(end - begin, 0), num_splits)
     lo = begin + split * chunk
     hi = tl.minimum(lo + chunk, end)
