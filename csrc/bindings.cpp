@@ -64,6 +64,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("uniforms"));
 #endif
+  py::tuple head_dims(DECODE_CUDA_HEAD_DIMS.size());
+  for (size_t i = 0; i < DECODE_CUDA_HEAD_DIMS.size(); ++i) head_dims[i] = DECODE_CUDA_HEAD_DIMS[i];
+  m.attr("decode_cuda_head_dims") = head_dims;
   py::dict info;
   info["cuda"] = RLHF_BUILD_CUDA;
   info["cuda_reason"] = RLHF_BUILD_CUDA_REASON;

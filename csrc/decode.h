@@ -25,7 +25,19 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <array>
 #include <tuple>
+
+// The head dims the CUDA decode-attention kernel is built for: the one list (bindings.cpp
+// exports it as decode_cuda_head_dims; Python's rlhf_kernels._backends.DECODE_CUDA_HEAD_DIMS
+// is checked against it by tests/test_decode.py).
+constexpr std::array<int64_t, 5> DECODE_CUDA_HEAD_DIMS = {64, 80, 96, 128, 256};
+
+constexpr bool decode_cuda_head_dim_supported(int64_t d) {
+  for (const int64_t h : DECODE_CUDA_HEAD_DIMS)
+    if (h == d) return true;
+  return false;
+}
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,

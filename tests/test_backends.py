@@ -76,3 +76,46 @@ def test_report_lists_ops_backends_and_flags():
     cells = [c.rstrip("*") for c in row.replace("not built", "not-built").split()[1:]]
     assert cells == ["available" if _backends.kernel_status("gae", b)[0] else "not-built"
                      for b in _backends.BACKENDS]
+
+
+CUDA = torch.device("cuda")  # a device object needs no GPU: choose() only reads its type
+
+
+@pytest.fixture
+def everything_built(monkeypatch):
+    """Every kernel of the table reported as built (as on a CUDA machine with the extension)."""
+    monkeypatch.setattr(_backends, "kernel_status", lambda op, backend: (True, None))
+    monkeypatch.setattr(_backends, "kernel", lambda op, backend: ())
+
+
+@pytest.mark.parametrize("op", ["gae", "logprobs", "decode_attention", "sample"])
+def test_auto_on_cuda_takes_the_cuda_kernel_and_float64_the_reference(everything_built, op):
+    assert _backends.choose(op, "auto", CUDA, torch.float32) == "cuda"
+    want = "cuda" if op in ("gae", "logprobs") else "torch"  # their CUDA kernels take float64
+    assert _backends.choose(op, "auto", CUDA, torch.float64) == want
+
+
+def test_auto_decode_head_dims_and_cpu(everything_built):
+    assert _backends.choose("decode_attention", "auto", CUDA, torch.bfloat16, 128) == "cuda"
+    assert _backends.choose("decode_attention", "auto", CUDA, torch.bfloat16, 40) == "triton"
+    assert _backends.choose("logprobs", "auto", torch.device("cpu"), torch.float64) == "cpu"
+    assert _backends.choose("rms_norm", "auto", torch.device("cpu"), torch.bfloat16) == "torch"
+    assert _backends.choose("rms_norm", "auto", CUDA, torch.float32) == "torch"
+    assert _backends.choose("rope", "auto", torch.device("cpu"),
+                            (torch.float32, torch.float16)) == "torch"
+
+
+def test_explicit_backend_that_cannot_serve_raises(everything_built):
+    with pytest.raises(_backends.BackendUnavailable, match="head dims"):
+        _backends.choose("decode_attention", "cuda", CUDA, torch.float16, 40)
+    with pytest.raises(_backends.BackendUnavailable, match="takes float16 / bfloat16 / float32"):
+        _backends.choose("sample", "triton", CUDA, torch.float64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backends.choose("rms_norm", "cuda", CUDA, torch.float32)
+
+
+def test_ops_table_lists_the_public_ops():
+    assert set(rlhf_kernels.ops.OPS) == {"gae", "logprobs", "decode_attention", "sample",
+                                         "rms_norm", "rope", "swiglu"}
+    for op, backends in rlhf_kernels.ops.OPS.items():
+        assert backends == tuple(b for b in _backends.BACKENDS if b in _backends.TABLE[op])

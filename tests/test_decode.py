@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rlhf_kernels
+from rlhf_kernels import _backends
 from rlhf_kernels._backends import triton_interpret
 from rlhf_kernels.ops.decode import CUDA_HEAD_DIMS
 from rlhf_kernels.reference import sample as ref_sample
@@ -138,10 +139,7 @@ def test_sample_matches_reference_with_same_uniforms(rng, backend, dtype, vocab,
 
 
 def _kernel_call(backend):
-    if backend == "torch":
-        return lambda x, t, k, p, u: ref_sample.sample(x, t, k, p, uniforms=u)
-    from rlhf_kernels.ops.decode import _kernel
-    return _kernel("sample", backend)
+    return _backends.kernel("sample", backend)[0]
 
 
 @pytest.mark.parametrize("backend", backend_params("sample"))
@@ -198,3 +196,12 @@ def test_reference_kept_set_is_the_definition(rng, top_k, top_p):
             rank_ok = top_k == 0 or int((z[b] > z[b, i]).sum()) < top_k
             mass_ok = top_p >= 1.0 or float(p[b][p[b] > p[b, i]].sum()) < top_p
             assert bool(keep[b, i]) == (rank_ok and mass_ok), (b, i)
+
+
+def test_cuda_head_dims_listed_once():
+    """The Python list of the CUDA decode kernel's head dims is the one csrc/decode.h holds
+    (the extension exports it, CUDA build or not)."""
+    ext, why = _backends.extension()
+    if ext is None:
+        pytest.skip(f"needs the extension: {why}")
+    assert tuple(ext.decode_cuda_head_dims) == CUDA_HEAD_DIMS == _backends.DECODE_CUDA_HEAD_DIMS

@@ -74,6 +74,34 @@ def test_logprobs_strided_logits_and_inplace_backward(rng, backend):
 
 
 @pytest.mark.parametrize("backend", backend_params("logprobs"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logprobs_gradient_keeps_strides_of_sliced_logits(rng, backend, dtype):
+    """logits[:, :-1] of [B, T+1, V] with odd V (50257-like: rows not 16-byte aligned): the
+    gradient is allocated with the logits' strides (row for row against the logits, as the
+    kernels walk them) and matches float64; the dropped last position gets 0."""
+    batch, length, vocab = 2, 4, 257
+    dev = device_for(backend)
+    full64 = (torch.randn(batch, length + 1, vocab, generator=rng) * 3).to(dtype).double()
+    y = torch.randint(0, vocab, (batch, length), generator=rng)
+    g_logp, g_ent = torch.randn(2, batch, length, generator=rng)
+    full = full64.to(dtype).to(dev).requires_grad_()
+    sliced = full[:, :-1]
+    strides = []
+    sliced.register_hook(lambda grad: strides.append(grad.stride()))
+    logp, ent = rlhf_kernels.logprobs(sliced, y.to(dev), return_entropy=True, backend=backend)
+    ((logp * g_logp.to(dev)).sum() + (ent * g_ent.to(dev)).sum()).backward()
+    assert strides == [sliced.stride()]
+    leaf = full64.requires_grad_()
+    ref_logp, ref_ent = logprobs64(leaf[:, :-1], y)
+    ((ref_logp * g_logp.double()).sum() + (ref_ent * g_ent.double()).sum()).backward()
+    tol = fwd_tolerance(full64, 1.0, vocab)
+    truncating = backend == "triton" and triton_interpret()
+    torch.testing.assert_close(full.grad.cpu().double(), leaf.grad, rtol=0,
+                               atol=grad_tolerance(leaf.grad, tol, dtype, truncating))
+    assert torch.all(full.grad[:, -1] == 0)
+
+
+@pytest.mark.parametrize("backend", backend_params("logprobs"))
 def test_logprobs_minus_inf_logits(rng, backend):
     x, y = make(rng, 2, 3, 500, torch.float32)
     x[0, 1, ::3] = float("-inf")  # masked vocabulary entries

@@ -164,11 +164,12 @@ def test_fused_path_allocates_no_float32_logits(rng):
                                               kl_coef=0.1, entropy_coef=0.01, backend="cpu",
                                               inplace_backward=inplace)
             out.loss.backward()
-        events = [e for e in prof.events() if e.name == "LogProbsFunctionBackward"]
+        events = [e for e in prof.events()
+                  if e.name == "GeneratedBackwardFor_rlhf_kernels_logprobs_fwd_defaultBackward"]
         assert events
         grad_bytes = 0 if inplace else B * T * V * 2
         assert max(e.cpu_memory_usage for e in events) <= grad_bytes + 64 * B * T * 4
-        fwd = [e for e in prof.events() if e.name == "LogProbsFunction"]
+        fwd = [e for e in prof.events() if e.name == "rlhf_kernels::logprobs_fwd"]
         assert fwd and max(e.cpu_memory_usage for e in fwd) <= 64 * B * T * 4
         biggest = max(e.cpu_memory_usage for e in prof.events())
         assert biggest < B * T * V * 4

@@ -47,7 +47,7 @@ def test_cpu_gradient_is_the_inverse_rotation(rng, shape):
     cos, sin = tables(shape, rng)
     dy = torch.randn(*shape, generator=rng)
     y = rotate(x, cos, sin)
-    assert type(y.grad_fn).__name__ == "RopeFunctionBackward"
+    assert type(y.grad_fn).__name__ == "GeneratedBackwardFor_rlhf_kernels_rope_defaultBackward"
     (dx,) = torch.autograd.grad(y, x, dy)
     x64 = x.detach().double().requires_grad_()
     (want,) = torch.autograd.grad(reference(x64, cos.double(), sin.double()), x64, dy.double())
@@ -77,7 +77,7 @@ def test_cpu_bad_input(rng):
         rotate(torch.randn(2, 3, 4, 7), cos[..., :7], sin[..., :7])
     with pytest.raises(ValueError, match="backend"):
         rotate(x, cos, sin, backend="triton")
-    with pytest.raises(BackendUnavailable, match="float32 CPU tensors"):
+    with pytest.raises(BackendUnavailable, match="takes float32 tensors"):
         rotate(x.bfloat16(), cos.bfloat16(), sin.bfloat16(), backend="cpu")
     assert torch.equal(rotate(x, cos, sin, backend="torch"), reference(x, cos, sin))
     with pytest.raises(RuntimeError, match="float32 only"):

@@ -39,7 +39,7 @@ def test_cpu_gradients_match_float64(rng, shape):
     gate, up = (t.requires_grad_() for t in inputs(shape, rng))
     dy = torch.randn(*shape, generator=rng)
     y = swiglu(gate, up)
-    assert type(y.grad_fn).__name__ == "SwiGLUFunctionBackward"
+    assert type(y.grad_fn).__name__ == "GeneratedBackwardFor_rlhf_kernels_swiglu_defaultBackward"
     d_gate, d_up = torch.autograd.grad(y, (gate, up), dy)
     g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
     want_gate, want_up = torch.autograd.grad(reference(g64, u64), (g64, u64), dy.double())
@@ -64,7 +64,7 @@ def test_cpu_bad_input(rng):
         swiglu(gate, up[:, :3])
     with pytest.raises(ValueError, match="backend"):
         swiglu(gate, up, backend="cuda")
-    with pytest.raises(BackendUnavailable, match="float32 CPU tensors"):
+    with pytest.raises(BackendUnavailable, match="takes float32 tensors"):
         swiglu(gate.bfloat16(), up.bfloat16(), backend="cpu")
     assert torch.equal(swiglu(gate, up, backend="torch"), reference(gate, up))
     with pytest.raises(RuntimeError, match="float32 only"):

@@ -11,6 +11,8 @@
 // mode zero: every token is active, r~ = m ? r : 0, v~ = m ? v : 0  (DeepSpeed-Chat/TRL/OpenRLHF)
 // mode skip: active = m, r~ = r, v~ = v                             (veRL: holes are transparent)
 // Masked inputs are selected away, never multiplied, so padding may hold NaN.
+// Built for x86-64-v3 and the baseline like the other CPU kernels (vec_math.h), with W = 4 in
+// both: the scan's state lives in registers, and 8 lanes of it spill on AVX2.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -24,13 +26,12 @@
 
 namespace {
 
-constexpr int W = 4;    // rows scanned side by side: one SSE register; wider vectors spill
+constexpr int W = 4;    // rows scanned side by side
 constexpr int TB = 64;  // time steps per tile
 
-// W lanes as one value: GCC/Clang lower these to the widest SIMD the target has.
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-typedef double vd __attribute__((vector_size(W * sizeof(double))));
+typedef rlhf_cpu::vfloat<W> vf;
+typedef rlhf_cpu::vint<W> vi;
+typedef rlhf_cpu::vdouble<W> vd;
 
 using rlhf_cpu::vload;
 using rlhf_cpu::vstore;
@@ -48,7 +49,7 @@ struct Stats {
 };
 
 template <typename scalar_t, bool SKIP, bool WHITEN>
-void scan_rows(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret,
+RLHF_INLINE void scan_rows(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, float* ret,
                const Rows& rows, int64_t b0, int64_t nb, float g, float gl, Stats& st) {
   int64_t start[W], len[W];
   int64_t maxlen = 0;
@@ -129,6 +130,36 @@ void scan_rows(const scalar_t* r, const scalar_t* v, const bool* m, float* adv, 
   }
 }
 
+template <typename scalar_t, bool SKIP, bool WHITEN>
+RLHF_CPU_V3 void scan_rows_v3(const scalar_t* r, const scalar_t* v, const bool* m, float* adv,
+                              float* ret, const Rows& rows, int64_t b0, int64_t nb, float g,
+                              float gl, Stats& st) {
+  scan_rows<scalar_t, SKIP, WHITEN>(r, v, m, adv, ret, rows, b0, nb, g, gl, st);
+}
+
+template <typename scalar_t, bool SKIP, bool WHITEN>
+void scan_rows_baseline(const scalar_t* r, const scalar_t* v, const bool* m, float* adv,
+                        float* ret, const Rows& rows, int64_t b0, int64_t nb, float g, float gl,
+                        Stats& st) {
+  scan_rows<scalar_t, SKIP, WHITEN>(r, v, m, adv, ret, rows, b0, nb, g, gl, st);
+}
+
+template <typename scalar_t>
+using ScanFn = void (*)(const scalar_t*, const scalar_t*, const bool*, float*, float*,
+                        const Rows&, int64_t, int64_t, float, float, Stats&);
+
+template <typename scalar_t, bool SKIP, bool WHITEN>
+ScanFn<scalar_t> pick_isa() {
+  return rlhf_cpu::cpu_has_v3() ? scan_rows_v3<scalar_t, SKIP, WHITEN>
+                                : scan_rows_baseline<scalar_t, SKIP, WHITEN>;
+}
+
+template <typename scalar_t>
+ScanFn<scalar_t> pick_scan(bool skip, bool whiten) {
+  if (skip) return whiten ? pick_isa<scalar_t, true, true>() : pick_isa<scalar_t, true, false>();
+  return whiten ? pick_isa<scalar_t, false, true>() : pick_isa<scalar_t, false, false>();
+}
+
 template <typename scalar_t>
 void scan_all(const at::Tensor& rewards, const at::Tensor& values, const bool* m, float* adv,
               float* ret, const Rows& rows, int64_t batch, float g, float gl, bool skip,
@@ -137,13 +168,11 @@ void scan_all(const at::Tensor& rewards, const at::Tensor& values, const bool* m
   const scalar_t* v = values.data_ptr<scalar_t>();
   const int64_t groups = (batch + W - 1) / W;
   std::vector<Stats> partial(groups);
+  const ScanFn<scalar_t> scan = pick_scan<scalar_t>(skip, whiten);
   at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b0 = i * W, nb = std::min<int64_t>(W, batch - b0);
-      if (skip && whiten) scan_rows<scalar_t, true, true>(r, v, m, adv, ret, rows, b0, nb, g, gl, partial[i]);
-      else if (skip) scan_rows<scalar_t, true, false>(r, v, m, adv, ret, rows, b0, nb, g, gl, partial[i]);
-      else if (whiten) scan_rows<scalar_t, false, true>(r, v, m, adv, ret, rows, b0, nb, g, gl, partial[i]);
-      else scan_rows<scalar_t, false, false>(r, v, m, adv, ret, rows, b0, nb, g, gl, partial[i]);
+      scan(r, v, m, adv, ret, rows, b0, nb, g, gl, partial[i]);
     }
   });
   for (const Stats& p : partial) {  // fixed order: the result does not depend on thread count

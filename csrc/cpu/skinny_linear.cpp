@@ -6,7 +6,7 @@
 // element is broadcast against it: acc[n] += w[n, k] * xt[k], 8 rows of w per tile so that one
 // load of xt[k] feeds 8 FMAs. Lane m of acc[n] is y[m, n]; the sum over k runs in order.
 // Threads split the rows of w. Built for x86-64-v3 (AVX2 + FMA) and the baseline, picked at
-// load time (GCC target_clones).
+// run time with the other CPU kernels' switch (cpu_has_v3 in vec_math.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -14,30 +14,41 @@
 #include <vector>
 
 #include "../skinny_linear.h"
+#include "vec_math.h"
 
 namespace {
 
-typedef float v8 __attribute__((vector_size(32)));
+using rlhf_cpu::vfloat;
+using rlhf_cpu::vload;
 
+// 8 lanes = the 8 rows of x in both builds (the baseline splits them over two SSE registers)
 template <int R>
-inline void tile(const float* xt, int64_t K, const float* w, float* y, int64_t M, int64_t N,
-                 int64_t n0) {
-  v8 acc[R] = {};
+RLHF_INLINE void tile(const float* xt, int64_t K, const float* w, float* y, int64_t M, int64_t N,
+                      int64_t n0) {
+  vfloat<8> acc[R] = {};
   for (int64_t k = 0; k < K; ++k) {
-    v8 xv;
-    std::memcpy(&xv, xt + k * 8, sizeof(v8));
+    const vfloat<8> xv = vload<vfloat<8>>(xt + k * 8);
     for (int r = 0; r < R; ++r) acc[r] += w[(n0 + r) * K + k] * xv;
   }
   for (int r = 0; r < R; ++r)
     for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r] = acc[r][m];
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void skinny_block(const float* xt, int64_t K, const float* w, float* y, int64_t M, int64_t N,
-                  int64_t lo, int64_t hi) {
+RLHF_INLINE void skinny_block(const float* xt, int64_t K, const float* w, float* y, int64_t M,
+                              int64_t N, int64_t lo, int64_t hi) {
   int64_t n = lo;
   for (; n + 8 <= hi; n += 8) tile<8>(xt, K, w, y, M, N, n);
   for (; n < hi; ++n) tile<1>(xt, K, w, y, M, N, n);
+}
+
+RLHF_CPU_V3 void skinny_block_v3(const float* xt, int64_t K, const float* w, float* y, int64_t M,
+                                 int64_t N, int64_t lo, int64_t hi) {
+  skinny_block(xt, K, w, y, M, N, lo, hi);
+}
+
+void skinny_block_baseline(const float* xt, int64_t K, const float* w, float* y, int64_t M,
+                           int64_t N, int64_t lo, int64_t hi) {
+  skinny_block(xt, K, w, y, M, N, lo, hi);
 }
 
 }  // namespace
@@ -63,8 +74,9 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
   float* yp = y.data_ptr<float>();
   // grain: whole 8-row tiles, and enough of them that a task streams >= 64 KB of weights
   const int64_t grain = 8 * std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  const auto block = rlhf_cpu::cpu_has_v3() ? skinny_block_v3 : skinny_block_baseline;
   at::parallel_for(0, (N + 7) / 8 * 8, grain, [&](int64_t lo, int64_t hi) {
-    skinny_block(xp, K, wp, yp, M, N, lo, std::min(hi, N));
+    block(xp, K, wp, yp, M, N, lo, std::min(hi, N));
   });
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N,

@@ -45,15 +45,19 @@ struct Lanes<4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
   typedef uint32_t u __attribute__((vector_size(16)));
+  typedef double d __attribute__((vector_size(32)));
 };
 template <>
 struct Lanes<8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
   typedef uint32_t u __attribute__((vector_size(32)));
+  typedef double d __attribute__((vector_size(64)));
 };
 template <int W>
 using vfloat = typename Lanes<W>::f;
+template <int W>
+using vdouble = typename Lanes<W>::d;
 template <int W>
 using vint = typename Lanes<W>::i;
 template <int W>

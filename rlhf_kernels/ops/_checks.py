@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from .. import _backends
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INT32 = 2**31 - 1
 
@@ -64,7 +66,9 @@ def mask_tensor(name: str, mask, shape: torch.Size) -> torch.Tensor:
         return mask
     if mask.is_complex():
         raise TypeError(f"{name} must be bool or a real 0/1 tensor, got {mask.dtype}")
-    if bool(((mask != 0) & (mask != 1)).any()):
+    # a value check is a host sync, which would break a torch.compile graph: compiled callers
+    # get it skipped (a value other than 0 / 1 then counts as 1); pass a bool mask to avoid it
+    if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
     return mask != 0
 
@@ -77,7 +81,7 @@ def unit_interval(name: str, x) -> float:
 
 
 def cu_seqlens_tensor(cu, total: int, device: torch.device) -> torch.Tensor:
-    """Validated int32 offsets [B+1]: cu[0] = 0, non-decreasing, cu[-1] = total."""
+    """int32 offsets [B+1] (their values are checked by the op: cu_seqlens_values)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -88,10 +92,31 @@ def cu_seqlens_tensor(cu, total: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"cu_seqlens is on {cu.device} but rewards is on {device}")
     if total > MAX_INT32:
         raise ValueError(f"packed length {total} does not fit int32 offsets")
+    if cu.dtype == torch.int64 and not torch.compiler.is_compiling():
+        cu_seqlens_values(cu, total)  # before the cast: int64 values may not fit int32
+    return cu.to(torch.int32).contiguous()
+
+
+def cu_seqlens_values(cu: torch.Tensor, total: int) -> None:
+    """cu[0] = 0, non-decreasing, cu[-1] = total; one host sync."""
     host = cu.cpu()
     if int(host[0]) != 0 or int(host[-1]) != total:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {total}, "
                          f"got {int(host[0])} .. {int(host[-1])}")
     if bool((host[1:] < host[:-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")
-    return cu.to(torch.int32).contiguous()
+
+
+@torch.compiler.assume_constant_result
+def choose(op: str, backend: str, device: torch.device, dtype=None, head_dim=None) -> str:
+    """_backends.choose, run once at trace time under torch.compile (its result, a backend
+    name, is a constant of the graph: the table's lookups and warnings are not traced)."""
+    return _backends.choose(op, backend, device, dtype, head_dim)
+
+
+def direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """True where an op may call its forward kernel directly: eager, and no gradient to
+    record. The custom op costs ~0.1 ms of dispatch per call (measured on the CPU), which the
+    decode steps of the generation adapters (a few ops per layer per token) would feel."""
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

@@ -6,22 +6,26 @@
         -> (tokens [B] int64, logprobs [B] float32)
 
 These public entry points check values (lengths within the cache...), which costs a host sync
-on GPU; the generation loop calls the kernels directly with tensors it built itself. Non-finite
+on GPU, then call the custom ops rlhf_kernels::decode_attention (declared to mutate the caches:
+k_new / v_new are appended in place) and rlhf_kernels::sample; the generation loop calls the
+kernels of the table directly (attention_kernel, sample_kernel) with tensors it built itself:
+no host sync and no dispatcher cost in a step, which stays CUDA-graph capturable. Non-finite
 logits follow the rule in rlhf_kernels/reference/sample.py: `sample` raises ValueError naming
 the rows that hold NaN (or are -inf everywhere); the kernels only mark them (token < 0).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import _backends
-from ..reference import decode_attention as ref_attention
 from ..reference import sample as ref_sample
 from . import _checks
 
-CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)  # csrc/cuda/decode.cu instantiates these
+CUDA_HEAD_DIMS = _backends.DECODE_CUDA_HEAD_DIMS
 
 
 def _int_vector(name, x, batch, device):
@@ -34,14 +38,6 @@ def _int_vector(name, x, batch, device):
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
     return x.to(torch.int32).contiguous()
-
-
-def _kernel(op, name):
-    if name == "triton":
-        import importlib
-        return getattr(importlib.import_module(f"rlhf_kernels.triton.{op}"), op)
-    ext, _ = _backends.extension()
-    return getattr(ext, f"{op}_{name}")
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *,
@@ -98,47 +94,69 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
             raise ValueError("cache_start must be >= 0")
     scale = (1.0 / math.sqrt(dim) if softmax_scale is None
              else _checks.number("softmax_scale", softmax_scale, finite=True))
-    kernel = attention_kernel(backend, device, dim)
-    return kernel(q.contiguous(), k_cache, v_cache, lengths, k_new, v_new, cache_start, scale)
+    name = _checks.choose("decode_attention", backend, device, q.dtype, dim)
+    return decode_attention_op(q.contiguous(), k_cache, v_cache, lengths, k_new, v_new,
+                               cache_start, scale, name)
 
 
-def attention_kernel(backend, device, head_dim):
+@torch.library.custom_op("rlhf_kernels::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                        k_new: Optional[Tensor], v_new: Optional[Tensor],
+                        cache_start: Optional[Tensor], softmax_scale: float,
+                        backend: str) -> Tensor:
+    """The kernels' contract (csrc/decode.h); with k_new / v_new the caches are written."""
+    (run,) = _backends.kernel("decode_attention", backend)
+    return run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, softmax_scale)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, softmax_scale, backend):
+    return torch.empty_like(q)
+
+
+def attention_kernel(backend, device, head_dim, dtype=None):
     """The decode attention kernel `backend` resolves to on `device`, with no value checks:
     f(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start, scale) -> out. The
-    generation loop calls it on tensors it built itself (no host sync)."""
-    name = _backends.resolve("decode_attention", backend, device)
-    if name == "cuda" and head_dim not in CUDA_HEAD_DIMS:
-        if backend == "cuda":
-            raise ValueError(f"the CUDA decode kernel supports head dims {CUDA_HEAD_DIMS}, got "
-                             f"{head_dim}; use backend='triton' or 'torch'")
-        name = "triton" if _backends.kernel_status("decode_attention", "triton")[0] else "torch"
-    if name == "torch":
-        def torch_attention(q, k_cache, v_cache, lengths, k_new, v_new, start, scale):
-            return ref_attention.decode_attention(q, k_cache, v_cache, lengths, k_new, v_new,
-                                                  cache_start=start, softmax_scale=scale)
-        return torch_attention
-    kernel = _kernel("decode_attention", name)
-    if name != "cuda":
-        return kernel
+    generation loop calls it on tensors it built itself (no host sync, no dispatcher)."""
+    name = _backends.choose("decode_attention", backend, device, dtype, head_dim)
+    return _backends.kernel("decode_attention", name)[0]
 
-    def cuda_attention(q, k_cache, v_cache, lengths, k_new, v_new, start, scale):
-        # 16-byte loads: realign views that start mid-vector (the caches cannot move)
+
+def realign_16_bytes(kernel):
+    """The CUDA kernel's 16-byte loads: views that start mid-vector are realigned (cloned;
+    the caches, written in place, are contiguous allocations)."""
+    def aligned(q, k_cache, v_cache, lengths, k_new, v_new, start, scale):
         q, k_new, v_new = (x if x is None or x.data_ptr() % 16 == 0 else x.clone()
                            for x in (q, k_new, v_new))
         return kernel(q, k_cache, v_cache, lengths, k_new, v_new, start, scale)
-    return cuda_attention
+    return (aligned,)
 
 
-def sample_kernel(backend, device):
+def torch_sample(logits, temperature, top_k, top_p, uniforms):
+    """The torch reference with the sampling kernels' contract (csrc/decode.h)."""
+    return ref_sample.sample(logits, temperature, top_k, top_p, uniforms=uniforms)
+
+
+def sample_kernel(backend, device, dtype=None):
     """The sampling kernel for temperature > 0, with no value checks:
     f(logits, temperature, top_k, top_p, uniforms) -> (tokens, logprobs)."""
-    name = _backends.resolve("sample", backend, device)
-    if name == "torch":
-        def torch_sample(logits, temperature, top_k, top_p, uniforms):
-            return ref_sample.sample(logits, temperature, top_k, top_p, uniforms=uniforms)
-        return torch_sample
-    kernel = _kernel("sample", name)
+    name = _backends.choose("sample", backend, device, dtype)
+    (kernel,) = _backends.kernel("sample", name)
     return lambda logits, *args: kernel(logits.contiguous(), *args)
+
+
+@torch.library.custom_op("rlhf_kernels::sample", mutates_args=())
+def sample_op(logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Tensor,
+              backend: str) -> tuple[Tensor, Tensor]:
+    """(tokens [B] int64, logprobs [B] float32); error rows marked, not raised (csrc/decode.h)."""
+    (run,) = _backends.kernel("sample", backend)
+    return run(logits.contiguous(), temperature, top_k, top_p, uniforms)
+
+
+@sample_op.register_fake
+def _(logits, temperature, top_k, top_p, uniforms, backend):
+    rows = logits.shape[:1]
+    return logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32)
 
 
 def check_sampling(temperature, top_k, top_p):
@@ -176,7 +194,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, backe
         tokens, logp = ref_sample.greedy(logits)
     else:
         uniforms = ref_sample.draw_uniforms(logits.shape[0], generator, logits.device)
-        tokens, logp = sample_kernel(backend, logits.device)(logits, temperature, top_k, top_p,
-                                                             uniforms)
+        name = _checks.choose("sample", backend, logits.device, logits.dtype)
+        tokens, logp = sample_op(logits, temperature, top_k, top_p, uniforms, name)
     raise_for_error_rows(tokens)
     return tokens, logp

@@ -15,17 +15,23 @@ logits block (plus a float32 grad-weight accumulator for low-precision weights).
 - fused_linear_ppo_actor_loss: a token's loss depends on its own log-prob and entropy only (the
   aggregation weights come from the mask), so each chunk's gradient is known in the forward:
   it is computed there and backward only scales it. Three matmuls, as the unfused head.
+
+Both are torch.library custom ops (rlhf_kernels::fused_linear_logprobs_fwd / _bwd,
+rlhf_kernels::fused_linear_ppo_loss) with their autograd registered: torch.compile sees one
+opaque node each, and the label range check (a host sync) runs inside them.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import _backends
 from ..reference import ppo_loss as F
 from . import _checks
-from .logprobs import check_labels, check_temperature, kernels
+from .logprobs import check_label_range, check_labels, check_temperature, float_out
 from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_ppo_inputs
 
 
@@ -36,109 +42,172 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
     return int(min(n_tokens, max(32, 1 << (target - 1).bit_length())))
 
 
-def _torch_kernels():
-    from ..reference import logprobs as ref
-
-    def fwd(logits, labels, inv_t, with_entropy):
-        logp, ent = ref.logprobs(logits, labels, 1.0 / inv_t, True)
-        lse = (logits.to(logp.dtype) * inv_t).logsumexp(-1)
-        return logp, ent, lse
-
-    def bwd(logits, labels, lse, ent, g_logp, g_ent, inv_t, grad):
-        with torch.enable_grad():
-            x = logits.detach().requires_grad_()
-            logp, e = ref.logprobs(x, labels, 1.0 / inv_t, True)
-            total = (logp * g_logp).sum() + ((e * g_ent).sum() if g_ent is not None else 0)
-            grad.copy_(torch.autograd.grad(total, x)[0])
-    return fwd, bwd
+def _acc_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class FusedLinearLogProbs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temperature, with_entropy, chunk, backend):
-        fwd, _ = _torch_kernels() if backend == "torch" else kernels(backend)
-        n = hidden.shape[0]
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logp = torch.empty(n, dtype=out_dtype, device=hidden.device)
-        lse, ent = torch.empty_like(logp), torch.empty_like(logp)
-        for s in range(0, n, chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).unsqueeze(0)
-            lp, en, ls = fwd(logits, labels[None, s:s + chunk], inv_temperature, True)
-            logp[s:s + chunk], ent[s:s + chunk], lse[s:s + chunk] = lp[0], en[0], ls[0]
-        ctx.save_for_backward(hidden, weight, labels, lse, ent)
-        ctx.inv_temperature, ctx.chunk, ctx.backend = inv_temperature, chunk, backend
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_ent):
-        hidden, weight, labels, lse, ent = ctx.saved_tensors
-        if grad_logp is None and grad_ent is None:
-            return (None,) * 7
-        _, bwd = _torch_kernels() if ctx.backend == "torch" else kernels(ctx.backend)
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_hidden = torch.empty_like(hidden)
-        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-        chunk = ctx.chunk
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
-            logits = (h @ weight.t()).unsqueeze(0)
-            ge = None if grad_ent is None else grad_ent[None, s:s + chunk]
-            bwd(logits, labels[None, s:s + chunk], lse[None, s:s + chunk],
-                ent[None, s:s + chunk], grad_logp[None, s:s + chunk], ge,
-                ctx.inv_temperature, logits)  # in place: the chunk's logits become its grad
-            g = logits[0]
-            grad_hidden[s:s + chunk] = g @ weight
-            grad_weight.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+def _grad_buffers(hidden, weight):
+    """grad_hidden, and a zeroed grad_weight accumulator (float32 for 16-bit weights)."""
+    return torch.empty_like(hidden), torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype),
+                                                 device=weight.device)
 
 
-class FusedLinearPPOLoss(torch.autograd.Function):
-    """Loss and its gradient in one pass over the chunks; see the module docstring."""
+def _accumulate(g, h, weight, grad_hidden, grad_weight, part):
+    """g = the chunk's grad-logits [c, V]: its share of grad_hidden and grad_weight."""
+    grad_hidden[part] = g @ weight
+    grad_weight.addmm_(g.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, inv_temperature, chunk, backend, token_loss,
-                weights):
-        fwd, bwd = _torch_kernels() if backend == "torch" else kernels(backend)
-        n = hidden.shape[0]
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logp = torch.empty(n, dtype=out_dtype, device=hidden.device)
-        ent = torch.empty_like(logp)
-        loss = torch.zeros((), dtype=out_dtype, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-        for s in range(0, n, chunk):
-            h, y = hidden[s:s + chunk], labels[None, s:s + chunk]
-            logits = (h @ weight.t()).unsqueeze(0)
-            lp, en, lse = fwd(logits, y, inv_temperature, True)
-            with torch.enable_grad():
-                lp_, en_ = lp[0].detach().requires_grad_(), en[0].detach().requires_grad_()
-                part = (weights[s:s + chunk] * token_loss(lp_, en_, slice(s, s + chunk))).sum()
-                g_lp, g_en = torch.autograd.grad(part, (lp_, en_), allow_unused=True)
-            g_lp = torch.zeros_like(lp_) if g_lp is None else g_lp
-            bwd(logits, y, lse, en if g_en is not None else None, g_lp[None],
-                None if g_en is None else g_en[None], inv_temperature, logits)
-            g = logits[0]
-            grad_hidden[s:s + chunk] = g @ weight
-            grad_weight.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
-            loss += part.detach()
-            logp[s:s + chunk], ent[s:s + chunk] = lp[0], en[0]
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(logp, ent)
-        return loss, logp, ent
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_logp, _grad_ent):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype)
-        return (grad_hidden * scale, (grad_weight * grad_loss).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+@torch.library.custom_op("rlhf_kernels::fused_linear_logprobs_fwd", mutates_args=())
+def fused_linear_logprobs_fwd(hidden: Tensor, weight: Tensor, labels: Tensor,
+                              inv_temperature: float, chunk: int,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], labels [N] -> (logp, entropy, lse) [N]."""
+    check_label_range(labels, weight.shape[0])
+    forward, _ = _backends.kernel("logprobs", backend)
+    n = hidden.shape[0]
+    logp = hidden.new_empty(n, dtype=float_out(hidden.dtype))
+    lse, ent = torch.empty_like(logp), torch.empty_like(logp)
+    for s in range(0, n, chunk):
+        logits = (hidden[s:s + chunk] @ weight.t()).unsqueeze(0)
+        lp, en, ls = forward(logits, labels[None, s:s + chunk], inv_temperature, True)
+        logp[s:s + chunk], ent[s:s + chunk], lse[s:s + chunk] = lp[0], en[0], ls[0]
+    return logp, ent, lse
+
+
+@fused_linear_logprobs_fwd.register_fake
+def _(hidden, weight, labels, inv_temperature, chunk, backend):
+    logp = hidden.new_empty(hidden.shape[0], dtype=float_out(hidden.dtype))
+    return logp, torch.empty_like(logp), torch.empty_like(logp)
+
+
+@torch.library.custom_op("rlhf_kernels::fused_linear_logprobs_bwd", mutates_args=())
+def fused_linear_logprobs_bwd(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
+                              ent: Tensor, grad_logp: Tensor, grad_ent: Optional[Tensor],
+                              inv_temperature: float, chunk: int,
+                              backend: str) -> tuple[Tensor, Tensor]:
+    """(grad_hidden, grad_weight): each chunk's logits recomputed, turned into grad-logits in
+    place, then grad_hidden_c = g @ weight and grad_weight += g.T @ hidden_c."""
+    _, backward = _backends.kernel("logprobs", backend)
+    grad_hidden, grad_weight = _grad_buffers(hidden, weight)
+    for s in range(0, hidden.shape[0], chunk):
+        part = slice(s, s + chunk)
+        h = hidden[part]
+        logits = (h @ weight.t()).unsqueeze(0)
+        ge = None if grad_ent is None else grad_ent[None, part]
+        backward(logits, labels[None, part], lse[None, part], ent[None, part],
+                 grad_logp[None, part], ge, inv_temperature, logits)  # in place
+        _accumulate(logits[0], h, weight, grad_hidden, grad_weight, part)
+    return grad_hidden, grad_weight.to(weight.dtype)
+
+
+@fused_linear_logprobs_bwd.register_fake
+def _(hidden, weight, labels, lse, ent, grad_logp, grad_ent, inv_temperature, chunk, backend):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _logprobs_setup(ctx, inputs, output):
+    hidden, weight, labels, inv_temperature, chunk, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, labels, lse, ent)
+    ctx.options = (inv_temperature, chunk, backend)
+    ctx.set_materialize_grads(False)
+
+
+def _logprobs_backward(ctx, grad_logp, grad_ent, _grad_lse):
+    hidden, weight, labels, lse, ent = ctx.saved_tensors
+    if grad_logp is None and grad_ent is None:
+        return (None,) * 6
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    grad_hidden, grad_weight = fused_linear_logprobs_bwd(hidden, weight, labels, lse, ent,
+                                                         grad_logp, grad_ent, *ctx.options)
+    return grad_hidden, grad_weight, None, None, None, None
+
+
+fused_linear_logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
+
+
+_AUTOGRAD_KEYS = [getattr(torch._C.DispatchKey, k) for k in (
+    "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView")
+    if hasattr(torch._C.DispatchKey, k)]
+
+
+def _token_loss_grad(loss_fn, logp, entropy):
+    """((d loss / d logp, d loss / d entropy), loss) by autograd, inside the op. A custom op's
+    kernel runs with the autograd dispatch keys excluded (its autograd is the registered one),
+    where torch.autograd.grad records nothing and torch.func's wrappers fail under compile and
+    opcheck; the keys are let back in for this [chunk]-sized computation only. (The PPO
+    formulas stay in one place, reference/ppo_loss.py, rather than differentiated by hand.)"""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    guard = torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+    with guard, torch.enable_grad():
+        lp, en = logp.detach().requires_grad_(), entropy.detach().requires_grad_()
+        loss = loss_fn(lp, en)
+        g_lp, g_en = torch.autograd.grad(loss, (lp, en), allow_unused=True)
+    g_lp = torch.zeros_like(lp) if g_lp is None else g_lp
+    return (g_lp, g_en), loss.detach()
+
+
+@torch.library.custom_op("rlhf_kernels::fused_linear_ppo_loss", mutates_args=())
+def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old: Tensor,
+                          adv: Tensor, ref: Optional[Tensor], weights: Tensor,
+                          inv_temperature: float, chunk: int, backend: str, clip_low: float,
+                          clip_high: float, dual_clip: Optional[float], kl_coef: float,
+                          kl_estimator: str, entropy_coef: float,
+                          ratio_clamp: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, logp [N], entropy [N], grad_hidden, grad_weight): the loss and its gradient in
+    one pass over the chunks (see the module docstring)."""
+    check_label_range(labels, weight.shape[0])
+    opts = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef, ratio_clamp=ratio_clamp)
+    forward, backward = _backends.kernel("logprobs", backend)
+    n = hidden.shape[0]
+    logp = hidden.new_empty(n, dtype=float_out(hidden.dtype))
+    ent = torch.empty_like(logp)
+    loss = logp.new_zeros(())
+    grad_hidden, grad_weight = _grad_buffers(hidden, weight)
+    for s in range(0, n, chunk):
+        part = slice(s, s + chunk)
+        h, y = hidden[part], labels[None, part]
+        logits = (h @ weight.t()).unsqueeze(0)
+        lp, en, lse = forward(logits, y, inv_temperature, True)
+
+        def chunk_loss(lp_, en_):  # the same per-token formulas as ppo_actor_loss
+            token = F.actor_token_loss(
+                lp_, en_, old[part].to(lp_.dtype), adv[part].to(lp_.dtype),
+                ref_logp=None if ref is None else ref[part].to(lp_.dtype), **opts)[0]
+            return (weights[part] * token).sum()
+        (g_lp, g_en), value = _token_loss_grad(chunk_loss, lp[0], en[0])
+        backward(logits, y, lse, None if g_en is None else en, g_lp[None],
+                 None if g_en is None else g_en[None], inv_temperature, logits)
+        _accumulate(logits[0], h, weight, grad_hidden, grad_weight, part)
+        loss += value
+        logp[part], ent[part] = lp[0], en[0]
+    return loss, logp, ent, grad_hidden, grad_weight  # grad_weight in float32 for 16-bit
+
+
+@fused_linear_ppo_loss.register_fake
+def _(hidden, weight, labels, old, adv, ref, weights, *options):
+    logp = hidden.new_empty(hidden.shape[0], dtype=float_out(hidden.dtype))
+    return (logp.new_empty(()), logp, torch.empty_like(logp), torch.empty_like(hidden),
+            weight.new_empty(weight.shape, dtype=_acc_dtype(weight.dtype)))
+
+
+def _ppo_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[3], output[4])
+    ctx.weight_dtype = inputs[1].dtype
+
+
+def _ppo_backward(ctx, grad_loss, *_unused):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    return ((grad_hidden * grad_loss.to(grad_hidden.dtype),
+             (grad_weight * grad_loss).to(ctx.weight_dtype)) + (None,) * 15)
+
+
+fused_linear_ppo_loss.register_autograd(_ppo_backward, setup_context=_ppo_setup)
 
 
 def _prepare(hidden, weight, labels, mask, chunk_size):
@@ -165,18 +234,14 @@ def _prepare(hidden, weight, labels, mask, chunk_size):
     return flat_h, weight, labels.reshape(-1), int(chunk)
 
 
-def _run(flat_h, weight, labels, temperature, with_entropy, chunk, backend):
-    name = _backends.resolve("logprobs", backend, flat_h.device)
-    return FusedLinearLogProbs.apply(flat_h, weight, labels, 1.0 / temperature, with_entropy,
-                                     chunk, name)
-
-
 def fused_linear_logprobs(hidden, weight, labels, *, temperature=1.0, return_entropy=False,
                           chunk_size=None, backend="auto"):
     _checks.real_tensors("fused_linear_logprobs", hidden=hidden, weight=weight, labels=labels)
     flat_h, weight, flat_y, chunk = _prepare(hidden, weight, labels, None, chunk_size)
     temperature = check_temperature(temperature)
-    logp, ent = _run(flat_h, weight, flat_y, temperature, return_entropy, chunk, backend)
+    name = _checks.choose("logprobs", backend, flat_h.device, flat_h.dtype)
+    logp, ent, _ = fused_linear_logprobs_fwd(flat_h, weight, flat_y, 1.0 / temperature, chunk,
+                                             name)
     shape = hidden.shape[:-1]
     logp = logp.view(shape)
     return (logp, ent.view(shape)) if return_entropy else logp
@@ -200,21 +265,16 @@ def fused_linear_ppo_actor_loss(hidden, weight, labels, old_logprobs, advantages
     old_logprobs, advantages, ref_logprobs, opts = check_ppo_inputs(
         shape, hidden.device, old_logprobs, advantages, ref_logprobs, agg=agg, **opts)
     temperature = check_temperature(temperature)
-    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     flat_mask = mask.reshape(-1)
     zero = torch.zeros((), device=hidden.device)
-    old, adv, ref = (None if x is None else torch.where(flat_mask, flat(x).float(), zero)
+    old, adv, ref = (None if x is None else torch.where(flat_mask, x.reshape(-1).float(), zero)
                      for x in (old_logprobs, advantages, ref_logprobs))
-
-    def token_loss(lp, en, part):  # the same per-token formulas as ppo_actor_loss
-        return F.actor_token_loss(lp, en, old[part].to(lp.dtype), adv[part].to(lp.dtype),
-                                  ref_logp=None if ref is None else ref[part].to(lp.dtype),
-                                  **opts)[0]
-
     weights = F.aggregation_weights(mask, agg).reshape(-1)
-    name = _backends.resolve("logprobs", backend, flat_h.device)
-    loss, logp, ent = FusedLinearPPOLoss.apply(flat_h, weight, flat_y, 1.0 / temperature, chunk,
-                                              name, token_loss, weights)
+    name = _checks.choose("logprobs", backend, flat_h.device, flat_h.dtype)
+    loss, logp, ent, _, _ = fused_linear_ppo_loss(
+        flat_h, weight, flat_y, old, adv, ref, weights, 1.0 / temperature, chunk, name,
+        opts["clip_low"], opts["clip_high"], opts["dual_clip"], opts["kl_coef"],
+        opts["kl_estimator"], opts["entropy_coef"], opts["ratio_clamp"])
     with torch.no_grad():
         out = actor_loss_from_logprobs(logp.view(shape), ent.view(shape), old_logprobs,
                                        advantages, mask, ref_logprobs=ref_logprobs, agg=agg,

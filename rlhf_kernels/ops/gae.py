@@ -11,13 +11,40 @@ raises ValueError. Not differentiable: GAE runs on detached rollout data.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from .. import _backends
-from ..reference import gae as reference
 from . import _checks
 
 MODES = ("zero", "skip")
+
+
+@torch.library.custom_op("rlhf_kernels::gae", mutates_args=())
+def gae_op(rewards: Tensor, values: Tensor, mask: Tensor, cu_seqlens: Optional[Tensor],
+           row_len: int, gamma: float, lam: float, skip: bool, whiten: bool,
+           backend: str) -> Tensor:
+    """Flat [N] rewards, values, mask (rows of row_len, or packed by cu_seqlens) ->
+    [advantages; returns] [2, N] float32. The value checks (offsets, non-finite inputs) read
+    data: they run here, inside the op, so that a compiled graph keeps them without a break."""
+    if cu_seqlens is not None:
+        _checks.cu_seqlens_values(cu_seqlens, rewards.numel())
+    (run,) = _backends.kernel("gae", backend)
+    adv, ret, bad = run(rewards, values, mask, cu_seqlens, row_len, gamma, lam, skip, whiten)
+    _raise_if_bad(int(bad.item()))
+    # one output: a custom op's outputs may not alias each other, and the CPU and Triton
+    # kernels return both rows of one [2, N] allocation (no copy then)
+    both = adv._base
+    if both is not None and both is ret._base and both.shape == (2, adv.numel()):
+        return both
+    return torch.stack((adv, ret))
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, cu_seqlens, row_len, gamma, lam, skip, whiten, backend):
+    return rewards.new_empty((2, rewards.numel()), dtype=torch.float32)
 
 
 def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, mode="zero", whiten=False,
@@ -47,22 +74,11 @@ def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, mode="zero", whiten=
         raise ValueError(f"rewards has {rewards.numel()} elements; at most 2**31 - 1 are supported")
     if values.dtype != rewards.dtype:
         rewards, values = rewards.float(), values.float()
-
-    name = _backends.resolve("gae", backend, device)
-    r, v, m = rewards.detach().contiguous(), values.detach().contiguous(), mask.contiguous()
-    if name == "torch":
-        adv, ret, bad = _torch_gae(r, v, m, cu_seqlens, gamma, lam, mode, whiten)
-    elif name == "triton":
-        from ..triton import gae_launch
-        adv, ret, bad = gae_launch.gae(r, v, m, cu_seqlens, gamma, lam, mode == "skip", whiten)
-    else:
-        ext, _ = _backends.extension()
-        fn = ext.gae_cuda if name == "cuda" else ext.gae_cpu
-        row_len = 0 if packed else r.shape[1]
-        adv, ret, bad = fn(r.reshape(-1), v.reshape(-1), m.reshape(-1), cu_seqlens, row_len,
-                           gamma, lam, mode == "skip", whiten)
-    _raise_if_bad(int(bad.item()))
-    return adv.view(rewards.shape), ret.view(rewards.shape)
+    name = _checks.choose("gae", backend, device, rewards.dtype)
+    flat = [x.detach().contiguous().reshape(-1) for x in (rewards, values, mask)]
+    both = gae_op(*flat, cu_seqlens, 0 if packed else rewards.shape[1], gamma, lam,
+                  mode == "skip", whiten, name)
+    return both[0].view(rewards.shape), both[1].view(rewards.shape)
 
 
 def _raise_if_bad(bad: int) -> None:
@@ -71,27 +87,3 @@ def _raise_if_bad(bad: int) -> None:
         if bad & bit:
             raise ValueError(f"{name} holds a non-finite value (NaN or inf) at a valid "
                              "(mask = 1) position")
-
-
-def _torch_gae(r, v, m, cu_seqlens, gamma, lam, mode, whiten):
-    bad = int(bool((~torch.isfinite(r) & m).any())) | 2 * int(bool((~torch.isfinite(v) & m).any()))
-    if cu_seqlens is not None:  # the reference works on padded rows
-        index, pad_mask = _padding_index(cu_seqlens)
-        adv_p, ret_p = reference.gae(r[index], v[index], m[index] & pad_mask, gamma, lam, mode,
-                                     whiten)
-        adv, ret = torch.empty_like(r, dtype=adv_p.dtype), torch.empty_like(r, dtype=adv_p.dtype)
-        adv[index[pad_mask]] = adv_p[pad_mask]
-        ret[index[pad_mask]] = ret_p[pad_mask]
-    else:
-        adv, ret = reference.gae(r, v, m, gamma, lam, mode, whiten)
-    return adv.float(), ret.float(), torch.tensor(bad)
-
-
-def _padding_index(cu_seqlens: torch.Tensor):
-    """index [B, Tmax] into the packed tensor and the mask of real positions."""
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    pos = torch.arange(int(lengths.max()), device=cu.device)
-    pad_mask = pos[None, :] < lengths[:, None]
-    index = torch.where(pad_mask, cu[:-1, None] + pos[None, :], 0)
-    return index, pad_mask

@@ -1,4 +1,4 @@
-"""Token log-probs and entropy from logits: checks, dispatch and the autograd Function.
+"""Token log-probs and entropy from logits: checks, then the custom ops.
 
     logprobs(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False,
              backend="auto") -> logp  (or (logp, entropy))
@@ -8,56 +8,109 @@ The kernels read the logits once forward and once backward and write grad-logits
 logits dtype; no float32 copy of [B, T, V] is made. With inplace_backward=True the gradient is
 written into the logits' own storage (use it only when nothing reads the logits after backward).
 Outputs are float32 (float64 for float64 logits, so that gradcheck can run).
+
+The kernels are the torch.library ops rlhf_kernels::logprobs_fwd / logprobs_bwd (autograd
+registered with the forward), so torch.compile sees one opaque node per call. The label range
+check reads values (a host sync): it runs inside the forward op, where a compiled graph keeps
+it without breaking.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import _backends
-from ..reference import logprobs as reference
 from . import _checks
 
 
-def kernels(backend: str):
-    """(forward, backward) callables of a kernel backend, C++-style signatures."""
-    if backend == "triton":
-        from ..triton import logprobs as tri
-        return tri.logprobs_fwd, tri.logprobs_bwd
-    ext, _ = _backends.extension()
-    return getattr(ext, f"logprobs_fwd_{backend}"), getattr(ext, f"logprobs_bwd_{backend}")
+def float_out(dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class LogProbsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, inv_temperature, with_entropy, backend, inplace):
-        fwd, _ = kernels(backend)
-        logp, entropy, lse = fwd(logits, labels, inv_temperature, with_entropy)
-        ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
-        ctx.inv_temperature, ctx.backend, ctx.inplace = inv_temperature, backend, inplace
-        ctx.set_materialize_grads(False)  # an unused entropy sends None, not zeros
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 6
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        _, bwd = kernels(ctx.backend)
-        grad = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype,
-                                                      device=logits.device)
-        bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.inv_temperature, grad)
-        return grad, None, None, None, None, None
+def check_label_range(labels: Tensor, vocab: int) -> None:
+    """labels in [0, vocab) (masked ones are 0 by now); one host sync."""
+    out_of_range = (labels < 0) | (labels >= vocab)
+    if labels.numel() and bool(out_of_range.any()):
+        bad = labels[out_of_range][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary of logits), found {bad}")
 
 
-def check_labels(labels, shape, vocab: int, mask=None) -> torch.Tensor:
-    """labels of `shape` as int64, in [0, vocab) where mask is 1; masked labels (padding)
-    become 0 so that kernels never index with them."""
+@torch.library.custom_op("rlhf_kernels::logprobs_fwd", mutates_args=())
+def logprobs_fwd(logits: Tensor, labels: Tensor, inv_temperature: float, with_entropy: bool,
+                 inplace_backward: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy or an empty tensor, lse) [B, T]; inplace_backward is for the backward."""
+    check_label_range(labels, logits.shape[-1])
+    forward, _ = _backends.kernel("logprobs", backend)
+    return forward(logits, labels, inv_temperature, with_entropy)
+
+
+@logprobs_fwd.register_fake
+def _(logits, labels, inv_temperature, with_entropy, inplace_backward, backend):
+    rows = logits.shape[:-1]
+    logp = logits.new_empty(rows, dtype=float_out(logits.dtype))
+    return logp, logp.new_empty(rows if with_entropy else (0,)), logp.new_empty(rows)
+
+
+@torch.library.custom_op("rlhf_kernels::logprobs_bwd", mutates_args=("grad_logits",))
+def logprobs_bwd(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Optional[Tensor],
+                 grad_logp: Tensor, grad_entropy: Optional[Tensor], inv_temperature: float,
+                 backend: str, grad_logits: Tensor) -> None:
+    """Writes d(loss)/d(logits) into grad_logits (which may be logits itself)."""
+    _, backward = _backends.kernel("logprobs", backend)
+    backward(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+             grad_logits)
+
+
+@logprobs_bwd.register_fake
+def _(logits, labels, lse, entropy, grad_logp, grad_entropy, inv_temperature, backend,
+      grad_logits):
+    return None
+
+
+def grad_like(logits: Tensor) -> Tensor:
+    """An uninitialised gradient with the logits' strides when their rows do not overlap (a
+    slice logits[:, :-1] keeps its row pitch: the kernels then walk both alike), else
+    contiguous."""
+    b, t, v = logits.shape
+    s_b, s_t, s_v = logits.stride()
+    if s_v == 1 and s_t >= v and s_b >= t * s_t:
+        return torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype,
+                                   device=logits.device)
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, inv_temperature, with_entropy, inplace, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.options = (inv_temperature, with_entropy, inplace, backend)
+    ctx.set_materialize_grads(False)  # an unused entropy sends None, not zeros
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    inv_temperature, with_entropy, inplace, backend = ctx.options
+    if not with_entropy:
+        grad_entropy = None
+    if grad_logp is None and grad_entropy is None:
+        return (None,) * 6
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    grad = logits if inplace else grad_like(logits)
+    logprobs_bwd(logits, labels, lse, None if grad_entropy is None else entropy, grad_logp,
+                 grad_entropy, inv_temperature, backend, grad)
+    return grad, None, None, None, None, None
+
+
+logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_labels(labels, shape, vocab: int, mask=None) -> Tensor:
+    """labels of `shape` as contiguous int64; masked labels (padding) become 0 so that kernels
+    never index with them. The range [0, vocab) is checked by the ops (check_label_range)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -66,11 +119,6 @@ def check_labels(labels, shape, vocab: int, mask=None) -> torch.Tensor:
         raise ValueError(f"labels must have shape {tuple(shape)} (logits without the vocabulary "
                          f"dim), got {tuple(labels.shape)}")
     labels = labels.long()
-    valid = labels if mask is None else labels[mask]
-    out_of_range = (valid < 0) | (valid >= vocab)
-    if valid.numel() and bool(out_of_range.any()):
-        bad = valid[out_of_range][0].item()
-        raise ValueError(f"labels must be in [0, {vocab}) (the vocabulary of logits), found {bad}")
     return (labels if mask is None else torch.where(mask, labels, 0)).contiguous()
 
 
@@ -100,13 +148,10 @@ def check_temperature(temperature) -> float:
 
 
 def token_logprobs(logits, labels, temperature, with_entropy, backend, inplace):
-    """Checked inputs -> (logp, entropy or None) [B, T] on the resolved backend."""
-    name = _backends.resolve("logprobs", backend, logits.device)
-    if name == "torch":
-        out = reference.logprobs(logits, labels, temperature, with_entropy)
-        return out if with_entropy else (out, None)
-    logp, entropy = LogProbsFunction.apply(logits, labels, 1.0 / temperature, with_entropy,
-                                           name, inplace)
+    """Checked inputs -> (logp, entropy or None) [B, T] on the chosen backend."""
+    name = _checks.choose("logprobs", backend, logits.device, logits.dtype)
+    logp, entropy, _ = logprobs_fwd(logits, labels, 1.0 / temperature, with_entropy, inplace,
+                                    name)
     return logp, (entropy if with_entropy else None)
 
 

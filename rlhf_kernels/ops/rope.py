@@ -11,9 +11,11 @@ the kernel; anything else (and backend="torch") the reference.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .. import _backends
 from ..reference.rope import rotate as reference
+from . import _checks
 
 
 def _rows(x, cos, signed_sin):
@@ -23,22 +25,36 @@ def _rows(x, cos, signed_sin):
             signed_sin.reshape(batch * length, dim))
 
 
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, signed_sin, ext):
-        ctx.save_for_backward(cos, signed_sin)
-        ctx.ext = ext
-        return ext.rope_cpu(*_rows(x, cos, signed_sin)).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        cos, signed_sin = ctx.saved_tensors
-        grad_x = ctx.ext.rope_cpu(*_rows(grad_y, cos, -signed_sin)).view(grad_y.shape)
-        return grad_x, None, None, None
+def _rotate_rows(kernel, x, cos, signed_sin):
+    return kernel(*_rows(x, cos, signed_sin)).view(x.shape)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, *,
-           backend: str = "auto") -> torch.Tensor:
+@torch.library.custom_op("rlhf_kernels::rope", mutates_args=())
+def rope_op(x: Tensor, cos: Tensor, signed_sin: Tensor, backend: str) -> Tensor:
+    return _rotate_rows(_backends.kernel("rope", backend)[0], x, cos, signed_sin)
+
+
+@rope_op.register_fake
+def _(x, cos, signed_sin, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, signed_sin, backend = inputs
+    ctx.save_for_backward(cos, signed_sin)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y):
+    cos, signed_sin = ctx.saved_tensors
+    # the gradient is the same map with the sin negated (a rotation by -theta)
+    return rope_op(grad_y, cos, -signed_sin, ctx.backend), None, None, None
+
+
+rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, *, backend: str = "auto") -> Tensor:
     """RoPE on x [B, T, H, D] with cos, signed_sin [B, T, 1, D]; differentiable in x (the
     tables are constants: positions carry no gradient)."""
     if x.dim() != 4 or cos.shape != (*x.shape[:2], 1, x.shape[3]) \
@@ -46,9 +62,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, *,
         raise ValueError(f"rope: x [B, T, H, D] (D even) needs tables [B, T, 1, D], got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}, signed_sin "
                          f"{tuple(signed_sin.shape)}")
-    ext = _backends.layer_kernel("rope", backend, x, cos, signed_sin)
-    if ext is None or cos.requires_grad or signed_sin.requires_grad:
-        return reference(x, cos, signed_sin)
-    if not torch.is_grad_enabled() or not x.requires_grad:
-        return ext.rope_cpu(*_rows(x, cos, signed_sin)).view(x.shape)
-    return RopeFunction.apply(x, cos, signed_sin, ext)
+    name = _checks.choose("rope", backend, x.device, (x.dtype, cos.dtype, signed_sin.dtype))
+    if name == "torch" or cos.requires_grad or signed_sin.requires_grad:
+        return reference(x, cos, signed_sin)  # the kernel has no gradient for the tables
+    if _checks.direct_call_ok(x):
+        return _rotate_rows(_backends.kernel("rope", name)[0], x, cos, signed_sin)
+    return rope_op(x, cos, signed_sin, name)

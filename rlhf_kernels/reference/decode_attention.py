@@ -34,3 +34,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None,
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # a sequence with nothing visible attends to 0
     return torch.einsum("bhs,bhsd->bhd", probs, v).to(q.dtype)
+
+
+def decode_attention_kernel(q, k_cache, v_cache, cache_seqlens, k_new, v_new, cache_start,
+                            softmax_scale):
+    """decode_attention with the kernels' positional contract (csrc/decode.h)."""
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                            cache_start=cache_start, softmax_scale=softmax_scale)

@@ -41,3 +41,32 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         mean, rstd = whiten_stats(adv, m)
         adv = torch.where(m, (adv - mean) * rstd, 0.0)
     return adv, returns
+
+
+def gae_kernel(rewards, values, mask, cu_seqlens, row_len: int, gamma: float, lam: float,
+               skip: bool, whiten: bool):
+    """gae with the kernels' contract (csrc/gae.h): flat [N] inputs, padded rows of row_len or
+    packed rows (cu_seqlens) -> (advantages [N] f32, returns [N] f32, bad [1] int32)."""
+    r, v, m = rewards, values, mask
+    bad = (~torch.isfinite(r) & m).any().int() | 2 * (~torch.isfinite(v) & m).any().int()
+    mode = "skip" if skip else "zero"
+    if cu_seqlens is not None:  # the reference works on padded rows
+        index, pad_mask = _padding_index(cu_seqlens)
+        adv_p, ret_p = gae(r[index], v[index], m[index] & pad_mask, gamma, lam, mode, whiten)
+        adv, ret = torch.empty_like(r, dtype=adv_p.dtype), torch.empty_like(r, dtype=adv_p.dtype)
+        adv[index[pad_mask]] = adv_p[pad_mask]
+        ret[index[pad_mask]] = ret_p[pad_mask]
+    else:
+        shape = (-1, row_len)
+        adv, ret = gae(r.view(shape), v.view(shape), m.view(shape), gamma, lam, mode, whiten)
+    return adv.float().reshape(-1), ret.float().reshape(-1), bad.reshape(1)
+
+
+def _padding_index(cu_seqlens: torch.Tensor):
+    """index [B, Tmax] into the packed tensor and the mask of real positions."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    pos = torch.arange(int(lengths.max()), device=cu.device)
+    pad_mask = pos[None, :] < lengths[:, None]
+    index = torch.where(pad_mask, cu[:-1, None] + pos[None, :], 0)
+    return index, pad_mask

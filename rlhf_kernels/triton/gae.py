@@ -9,9 +9,15 @@ gives (A, N) everywhere. One program walks one row, tile by tile, from the end.
 Tiles are loaded back to front (lane 0 = the tile's last token) and scanned forwards: the
 recursion runs backwards in time, and a forward scan of a non-commutative combine is the
 well-trodden path in Triton's lowering (reverse=True has had ordering bugs).
+
+`gae` at the end is the host side (buffers, block size, launch), with the contract of
+csrc/gae.h.
 """
+import torch
 import triton
 import triton.language as tl
+
+MAX_BLOCK = 1024
 
 
 @triton.jit
@@ -101,7 +107,7 @@ def gae_whiten_kernel(adv_ptr, m_ptr, mean_rstd_ptr, n, BLOCK: tl.constexpr):
 
 
 def aot_variants():
-    """(kernel, signature, constexprs, num_warps) of the launches gae_launch makes, for the
+    """(kernel, signature, constexprs, num_warps) of the launches `gae` makes, for the
     ahead-of-time compile check in tests/test_triton_aot.py."""
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         for skip in (False, True):
@@ -117,3 +123,42 @@ def aot_variants():
                     yield gae_scan_kernel, sig, consts, 4
     yield (gae_whiten_kernel, {"adv_ptr": "*fp32", "m_ptr": "*u8", "mean_rstd_ptr": "*fp32",
                                "n": "i64", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4)
+
+
+def gae(rewards, values, mask, cu_seqlens, row_len: int, gamma: float, lam: float, skip: bool,
+        whiten: bool):
+    """Flat [N] inputs (padded rows of row_len, or packed rows: cu_seqlens [B+1] int32) ->
+    (advantages [N] f32, returns [N] f32, bad [1] int32), as gae_cpu."""
+    n = rewards.numel()
+    packed = cu_seqlens is not None
+    if packed:
+        batch = cu_seqlens.numel() - 1
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        row_len = 0
+    else:
+        batch, longest = n // row_len, row_len
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(max(longest, 1))))
+    adv, ret = torch.empty(2, n, dtype=torch.float32, device=rewards.device)  # one allocation
+    bad = torch.zeros(batch, 2, dtype=torch.int32, device=rewards.device)
+    stats = torch.zeros(batch, 3, dtype=torch.float64, device=rewards.device)
+    m8 = mask.view(torch.uint8)
+    gae_scan_kernel[(batch,)](
+        rewards, values, m8, adv, ret, cu_seqlens if packed else bad, stats, bad, row_len,
+        gamma, gamma * lam, SKIP=skip, PACKED=packed, WHITEN=whiten, BLOCK=block,
+        num_warps=4 if block >= 512 else 1)
+    if whiten:
+        _whiten(adv, m8, stats)
+    flags = (bad > 0).any(0)
+    return adv, ret, (flags[0].int() | 2 * flags[1].int()).reshape(1)
+
+
+def _whiten(adv, m8, stats):
+    total = stats.sum(0)
+    count = total[2]
+    mean = total[0] / count.clamp(min=1)
+    var = ((total[1] - count * mean * mean) / (count - 1).clamp(min=1)).clamp(min=0)
+    var = torch.where(count > 1, var, torch.zeros_like(var))
+    mean_rstd = torch.stack([mean, torch.rsqrt(var + 1e-8)]).float()
+    wblock = 1024
+    n = adv.numel()
+    gae_whiten_kernel[(triton.cdiv(n, wblock),)](adv, m8, mean_rstd, n, BLOCK=wblock)

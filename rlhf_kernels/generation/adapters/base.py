@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ... import _backends
 from ...ops.rms_norm import rms_norm as fused_norm_op
 from ...ops.rope import rotate as fused_rotate_op
 from ...ops.swiglu import swiglu as fused_swiglu_op
@@ -37,47 +38,39 @@ def layer_norm(x, module):
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def _cpu_kernel(name: str, backend: str, device, dtype):
-    """A float32 CPU kernel of the extension for the adapters, or None (other backend,
-    device or dtype, or no extension)."""
-    if backend == "torch" or device.type != "cpu" or dtype != torch.float32:
-        return None
-    from ... import _backends
-    ext, _ = _backends.extension()
-    return getattr(ext, name, None) if ext is not None else None
+def _kernel_applies(op: str, backend: str, device, dtype) -> bool:
+    """Whether our kernel of a layer op serves this model (the generation backend "torch"
+    keeps the torch math; any other lets the table decide, as backend "auto")."""
+    if backend == "torch":
+        return False
+    return _backends.choose(op, "auto", device, dtype) != "torch"
 
 
 def fused_rms_norm(backend: str, device, dtype):
     """Our CPU kernels for RMSNorm, forward and backward (rlhf_kernels.ops.rms_norm): one pass
     where ATen runs a chain of ops (~30 us per call at decode sizes, ~16 autograd nodes in
     training); None where they do not apply."""
-    if _cpu_kernel("rms_norm_cpu", backend, device, dtype) is None:
-        return None
-    return fused_norm_op  # other dtypes at call time: the reference
+    return fused_norm_op if _kernel_applies("rms_norm", backend, device, dtype) else None
 
 
 def fused_rotate(backend: str, device, dtype):
     """Our CPU kernel for RoPE, forward and backward (rlhf_kernels.ops.rope); None where it
     does not apply."""
-    if _cpu_kernel("rope_cpu", backend, device, dtype) is None:
-        return None
-    return fused_rotate_op
+    return fused_rotate_op if _kernel_applies("rope", backend, device, dtype) else None
 
 
 def fused_swiglu(backend: str, device, dtype):
     """Our CPU kernels for silu(gate) * up, forward and backward (rlhf_kernels.ops.swiglu);
     None where they do not apply."""
-    if _cpu_kernel("swiglu_cpu", backend, device, dtype) is None:
-        return None
-    return fused_swiglu_op
+    return fused_swiglu_op if _kernel_applies("swiglu", backend, device, dtype) else None
 
 
 def skinny_linear(backend: str, device, dtype):
     """Our CPU kernel for projections of <= 8 rows (a decode step at batch <= 8), where a
     general GEMM is slower than streaming the weight; None where it does not apply."""
-    kernel = _cpu_kernel("skinny_linear_cpu", backend, device, dtype)
-    if kernel is None:
+    if not _kernel_applies("skinny_linear", backend, device, dtype):
         return None
+    (kernel,) = _backends.kernel("skinny_linear", "cpu")
 
     def linear(x, weight, bias=None):
         if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or weight.dtype != torch.float32:
