@@ -17,11 +17,6 @@ from conftest import (CUDA_KERNEL_MARKS, TRITON_DEVICE, TRITON_KERNEL_MARKS, bac
                       device_for)
 from rlhf_kernels.reference import sample as ref_sample
 
-CPU_DIVIDES_BY_RECIPROCAL = pytest.mark.xfail(
-    strict=True, reason="csrc/cpu/decode.cpp computes z = x * float(1 / T), not x / T "
-                        "(reported; the file belongs to the CPU kernel's owner)")
-
-
 def _extension_kernel(entry):
     def kernel(*args):
         ext = pytest.importorskip("rlhf_kernels._C")
@@ -47,10 +42,8 @@ SAMPLERS = [("torch", _reference, "cpu", []), ("cpu", _extension_kernel("sample_
             ("cuda", _extension_kernel("sample_cuda"), "cuda", CUDA_KERNEL_MARKS)]
 
 
-def sampler_params(xfail_cpu=False):
-    return [pytest.param(kernel, device, id=name,
-                         marks=marks + ([CPU_DIVIDES_BY_RECIPROCAL] if xfail_cpu and name == "cpu"
-                                        else []))
+def sampler_params():
+    return [pytest.param(kernel, device, id=name, marks=marks)
             for name, kernel, device, marks in SAMPLERS]
 
 
@@ -130,7 +123,7 @@ def test_reference_z_is_a_true_float32_division(rng):
                 f"seed {seed}, T={t}, {device}"
 
 
-@pytest.mark.parametrize("kernel,device", sampler_params(xfail_cpu=True))
+@pytest.mark.parametrize("kernel,device", sampler_params())
 def test_temperature_ties_follow_the_true_division(rng, kernel, device):
     """top_k = 1 keeps x1 only when x1 / T ties with x2 / T: u = 0 then picks x1 (token 0),
     else x2 (token 1)."""

@@ -94,22 +94,24 @@ RLHF_CPU_V3 void attend_group_v3(const scalar_t* q, const scalar_t* k, const sca
   attend_group<8>(q, k, v, out, group, D, lo, hi, scale, scores, acc);
 }
 
-// z = x / temperature, p = exp(z - max z) (unnormalised); returns the sum of p in double
+// z = x / temperature (a true division, as the contract and every other backend: a multiply by
+// 1/T rounds differently and picks other tokens at ties), p = exp(z - max z) (unnormalised);
+// returns the sum of p in double
 // (summed per 256 logits in float lanes): the behaviour log-prob must match training's
 // recompute. The exp is the sampler's cost at large V: vectorised, built per instruction set.
 template <int W>
-RLHF_INLINE double exp_row(const float* x, float inv_t, float* z, float* p, int64_t V,
+RLHF_INLINE double exp_row(const float* x, float t, float* z, float* p, int64_t V,
                            float* max_out) {
   using namespace rlhf_cpu;
   const int64_t full = V / W * W;
   vfloat<W> vmax = vsplat<W>(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < full; j += W) {
-    const vfloat<W> zz = vload<vfloat<W>>(x + j) * inv_t;
+    const vfloat<W> zz = vload<vfloat<W>>(x + j) / t;
     vstore(z + j, zz);
     vmax = zz > vmax ? zz : vmax;
   }
   float m = hmax<W>(vmax);
-  for (int64_t j = full; j < V; ++j) m = std::max(m, z[j] = x[j] * inv_t);
+  for (int64_t j = full; j < V; ++j) m = std::max(m, z[j] = x[j] / t);
   double sum = 0;
   vfloat<W> acc = {};
   for (int64_t j = 0; j < full; j += W) {
@@ -127,9 +129,9 @@ RLHF_INLINE double exp_row(const float* x, float inv_t, float* z, float* p, int6
   return sum;
 }
 
-RLHF_CPU_V3 double exp_row_v3(const float* x, float inv_t, float* z, float* p, int64_t V,
+RLHF_CPU_V3 double exp_row_v3(const float* x, float t, float* z, float* p, int64_t V,
                               float* max_out) {
-  return exp_row<8>(x, inv_t, z, p, V, max_out);
+  return exp_row<8>(x, t, z, p, V, max_out);
 }
 
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* what) {
@@ -218,15 +220,15 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, double t
   const float* up = u_all.data_ptr<float>();
   int64_t* tp = tokens.data_ptr<int64_t>();
   float* lp = logp.data_ptr<float>();
-  const float inv_t = static_cast<float>(1.0 / temperature);
+  const float t = static_cast<float>(temperature);
   const bool v3 = rlhf_cpu::cpu_has_v3();
   constexpr float inf = std::numeric_limits<float>::infinity();
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> z(V), p(V), tmp;
     for (int64_t b = lo; b < hi; ++b) {
       float m;
-      double sum = v3 ? exp_row_v3(zp + b * V, inv_t, z.data(), p.data(), V, &m)
-                      : exp_row<4>(zp + b * V, inv_t, z.data(), p.data(), V, &m);
+      double sum = v3 ? exp_row_v3(zp + b * V, t, z.data(), p.data(), V, &m)
+                      : exp_row<4>(zp + b * V, t, z.data(), p.data(), V, &m);
       // Non-finite z (the rule: rlhf_kernels/reference/sample.py). The max above skips NaN (a
       // compare with NaN is false), so NaN is looked for here: a NaN row has no distribution,
       // and the sort below would be undefined on it (its tie loop used to spin forever).

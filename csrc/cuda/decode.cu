@@ -509,8 +509,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
               fn, ": k_cache / v_cache must be [B, Hkv, S, D]");
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, fn, ": Hq must be a multiple of Hkv");
-  TORCH_CHECK(D == 64 || D == 80 || D == 96 || D == 128 || D == 256, fn,
-              ": head dim must be 64, 80, 96, 128 or 256");
+  TORCH_CHECK(decode_cuda_head_dim_supported(D), fn,
+              ": head dim must be one of DECODE_CUDA_HEAD_DIMS (csrc/decode.h), got ", D);
   TORCH_CHECK(S < (int64_t{1} << 31) - 2 && B * Hq < (int64_t{1} << 31), fn, ": sizes too large");
   auto check_idx = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device() == q.device() && t.scalar_type() == at::kInt && t.dim() == 1 &&
@@ -568,6 +568,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
     p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv), p.S = static_cast<int>(S);
     p.group = group, p.splits = splits, p.tiles = tiles;
     p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+    // one instantiation per entry of DECODE_CUDA_HEAD_DIMS (csrc/decode.h; checked above)
+    static_assert(DECODE_CUDA_HEAD_DIMS.size() == 5, "one case per supported head dim");
     switch (D) {
       case 64: launch_split_g<T, 64>(p, Gt, grid, stream); break;
       case 80: launch_split_g<T, 80>(p, Gt, grid, stream); break;
