@@ -134,6 +134,12 @@ def impls_for(device):
     return out
 
 
+def peak_ratio(peak: int, base_peak: int) -> str:
+    """Peak memory against the baseline's; "n/a" where the baseline's growth is 0 (a tiny
+    shape whose buffers the allocator already held)."""
+    return f"{peak / base_peak:.2f}" if base_peak > 0 else "n/a"
+
+
 def run(device, dtype, shapes, linear_shapes, repeats):
     ceiling = copy_bandwidth(device)
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -150,7 +156,7 @@ def run(device, dtype, shapes, linear_shapes, repeats):
             rows.append([f"{b}x{t}x{v}", impl, f"{tf * 1e3:.1f}", f"{tb * 1e3:.1f}",
                          f"{tfb * 1e3:.1f}", f"{base[0] / tfb:.2f}x", f"{gbs:.1f}",
                          f"{100 * floor_bytes / tfb / ceiling:.0f}%", f"{peak / 2**20:.0f}",
-                         f"{peak / base[1]:.2f}"])
+                         peak_ratio(peak, base[1])])
     header = ["B x T x V", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "speed-up", "GB/s",
               "% copy BW", "peak MiB", "peak vs baseline"]
     table = markdown_table(header, rows)
@@ -166,7 +172,7 @@ def run(device, dtype, shapes, linear_shapes, repeats):
             label = "unfused head + baseline" if impl == "baseline" else f"fused ({impl})"
             lrows.append([f"{n}x{h}x{v}", label, f"{tfb * 1e3:.1f}", f"{base[0] / tfb:.2f}x",
                           f"{flops / tfb / 1e12:.2f}", f"{peak / 2**20:.0f}",
-                          f"{peak / base[1]:.2f}"])
+                          peak_ratio(peak, base[1])])
     lheader = ["N x H x V", "impl", "fwd+bwd ms", "speed-up", "TFLOP/s (model)", "peak MiB",
                "peak vs unfused"]
     return ceiling, table, markdown_table(lheader, lrows) if lrows else ""
