@@ -84,11 +84,6 @@ def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def top_k_removed(z: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[B, V] bool: below the k-th largest z (ties at the k-th stay, as in HF)."""
-    return z < torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[..., -1:]
-
-
 def min_p_removed(z: torch.Tensor, min_p: float) -> torch.Tensor:
     """[B, V] bool: softmax(z) below min_p times its largest value. HF also keeps the top token
     whatever happens; with min_p <= 1 the top token is never below the threshold."""
@@ -134,9 +129,10 @@ class LogitsProcessors:
         if self.suppressed is not None:
             scores = scores.masked_fill(self.suppressed, -math.inf)
         if self.top_k or self.min_p:
-            z = scores / self.temperature
-            removed = top_k_removed(z, self.top_k) if self.top_k else torch.zeros_like(
-                z, dtype=torch.bool)
+            # the sampler's z (one division convention), so its masks and the sampler agree
+            z = ref_sample.divide_by_temperature(scores, self.temperature)
+            # top-k as the sampler's kept set: ties at the k-th stay, as in HF
+            removed = ~ref_sample.kept_mask(z, self.top_k, 1.0)
             if self.min_p:
                 removed |= min_p_removed(z.masked_fill(removed, -math.inf), self.min_p)
             scores = scores.masked_fill(removed, -math.inf)
@@ -150,7 +146,8 @@ class LogitsProcessors:
     def behaviour_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log_softmax(logits / T)[token] of the unprocessed logits (T = 1 when greedy), the
         non-finite rule applied as the sampler does; NaN at error rows (token < 0)."""
-        z = logits.float() / self.temperature if self.temperature > 0 else logits.float()
+        z = (ref_sample.divide_by_temperature(logits, self.temperature) if self.temperature > 0
+             else logits.float())
         z, _ = ref_sample.apply_nonfinite_rule(z)
         logp = torch.log_softmax(z, -1).gather(-1, tokens.clamp(min=0)[:, None])[:, 0]
         return torch.where(tokens < 0, math.nan, logp)
