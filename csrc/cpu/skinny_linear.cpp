@@ -7,6 +7,13 @@
 // load of xt[k] feeds 8 FMAs. Lane m of acc[n] is y[m, n]; the sum over k runs in order.
 // Threads split the rows of w. Built for x86-64-v3 (AVX2 + FMA) and the baseline, picked at
 // run time with the other CPU kernels' switch (cpu_has_v3 in vec_math.h).
+//
+// Why the prefetch: a tile reads 8 rows of w at once, 8 interleaved streams of 4 bytes per k,
+// which the hardware prefetchers follow poorly; the loop then waits on DRAM at ~14 GB/s on 2
+// Zen 3 cores where a plain sum streams ~27 GB/s. While computing one tile the loop asks for
+// the next tile's lines (one contiguous block of 8 * K floats), spread over its k steps:
+// ~17-18 GB/s (benchmarks/bench_generation.py shows the decode step it buys). The arithmetic
+// is unchanged.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,11 +29,23 @@ using rlhf_cpu::vfloat;
 using rlhf_cpu::vload;
 
 // 8 lanes = the 8 rows of x in both builds (the baseline splits them over two SSE registers)
+constexpr int64_t kLine = 64 / sizeof(float);  // floats per cache line
+
+// acc[r] += w[n0 + r, k] * xt[k] for k in order; meanwhile the cache lines [next, next_end)
+// are prefetched, R of them per 16 k steps (R rows of K floats = R * K / 16 lines)
 template <int R>
 RLHF_INLINE void tile(const float* xt, int64_t K, const float* w, float* y, int64_t M, int64_t N,
-                      int64_t n0) {
+                      int64_t n0, const float* next, const float* next_end) {
   vfloat<8> acc[R] = {};
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  for (; k + kLine <= K; k += kLine) {
+    for (int i = 0; i < R && next < next_end; ++i, next += kLine) __builtin_prefetch(next, 0, 3);
+    for (int64_t j = k; j < k + kLine; ++j) {
+      const vfloat<8> xv = vload<vfloat<8>>(xt + j * 8);
+      for (int r = 0; r < R; ++r) acc[r] += w[(n0 + r) * K + j] * xv;
+    }
+  }
+  for (; k < K; ++k) {
     const vfloat<8> xv = vload<vfloat<8>>(xt + k * 8);
     for (int r = 0; r < R; ++r) acc[r] += w[(n0 + r) * K + k] * xv;
   }
@@ -37,8 +56,10 @@ RLHF_INLINE void tile(const float* xt, int64_t K, const float* w, float* y, int6
 RLHF_INLINE void skinny_block(const float* xt, int64_t K, const float* w, float* y, int64_t M,
                               int64_t N, int64_t lo, int64_t hi) {
   int64_t n = lo;
-  for (; n + 8 <= hi; n += 8) tile<8>(xt, K, w, y, M, N, n);
-  for (; n < hi; ++n) tile<1>(xt, K, w, y, M, N, n);
+  // the next tile of this task's rows: rows [n + 8, min(n + 16, hi))
+  for (; n + 8 <= hi; n += 8)
+    tile<8>(xt, K, w, y, M, N, n, w + (n + 8) * K, w + std::min(n + 16, hi) * K);
+  for (; n < hi; ++n) tile<1>(xt, K, w, y, M, N, n, nullptr, nullptr);
 }
 
 RLHF_CPU_V3 void skinny_block_v3(const float* xt, int64_t K, const float* w, float* y, int64_t M,

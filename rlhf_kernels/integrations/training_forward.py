@@ -16,6 +16,9 @@ exists). HF's gradient checkpointing recomputes a decoder layer by calling its f
 which calls these same instance forwards: the recompute runs the kernels too. The ops run our
 float32 CPU kernels, and their torch reference (HF's rounding) on other dtypes and devices;
 values and gradients equal HF's to float32 rounding (tests/test_training_forward.py).
+An input embedding whose weight the LM head shares runs rlhf_kernels.ops.tied_embedding: the
+same lookup, whose gradient is added into that of our fused LM head (trl.patch()) in place
+instead of in a second [V, H] tensor (the peak of a TRL step's memory).
 
 Exact or declined: a module is served only when its class is the installed transformers' own
 class of a family below, with that class's own forward (not one a hub kernel or another patch
@@ -39,6 +42,7 @@ import weakref
 import torch
 
 from ..generation import SUPPORTED_MODEL_TYPES
+from ..ops import tied_embedding
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rotate
 from ..ops.swiglu import swiglu
@@ -80,6 +84,10 @@ def _mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def _embedding_forward(self, input):
+    return tied_embedding.embedding(input, self.weight, self.padding_idx)
+
+
 def _attention_forward(self, *args, **kwargs):
     modeling = sys.modules[type(self).__module__]
     if not _install_dispatcher(modeling):
@@ -92,7 +100,8 @@ def _attention_forward(self, *args, **kwargs):
         _active_tables.reset(token)
 
 
-SERVED_FORWARDS = {"norm": _norm_forward, "mlp": _mlp_forward, "attention": _attention_forward}
+SERVED_FORWARDS = {"norm": _norm_forward, "mlp": _mlp_forward, "attention": _attention_forward,
+                   "tied embedding": _embedding_forward}
 
 
 # -- RoPE: HF's module function, served for patched attention modules --------------------------
@@ -297,6 +306,25 @@ def _why_not(module, kind):
     return reason or _probed.get(type(module))
 
 
+def _tied_embedding(model):
+    """(the input embedding, None) of the causal LM in `model` when its LM head shares the
+    weight and the embedding is served exactly; (None, reason) when such an embedding is not
+    served; (None, None) when there is no tied input embedding."""
+    lm = next((m for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))
+               and getattr(getattr(m, "config", None), "model_type", None) in LAYER_FAMILIES),
+              None)
+    head = lm.get_output_embeddings() if lm is not None else None
+    embedding = lm.get_input_embeddings() if head is not None else None
+    if embedding is None or getattr(embedding, "weight", None) is not head.weight:
+        return None, None
+    if type(embedding) is not torch.nn.Embedding or "forward" in embedding.__dict__:
+        return None, (f"the tied input embedding ({type(embedding).__name__}) is not torch's own "
+                      f"nn.Embedding with its own forward")
+    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+        return None, "the tied input embedding uses max_norm, scale_grad_by_freq or sparse"
+    return embedding, None
+
+
 # -- the public functions ----------------------------------------------------------------------
 
 def _serve(module, kind, tables) -> None:
@@ -329,6 +357,14 @@ def apply_rlhf_training_kernels(model):
                 continue
             _serve(module, kind, tables)
         served[kind] = served.get(kind, 0) + 1
+    if served:  # a model with layers we serve: its tied embedding too (module docstring)
+        embedding, reason = _tied_embedding(model)
+        if reason is not None:
+            _say_once(f"keeps torch's embedding backward: {reason}")
+        if embedding is not None:
+            if _served_kind(embedding) is None:
+                embedding.forward = types.MethodType(_embedding_forward, embedding)
+            served["tied embedding"] = 1
     if not served:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         _say_once(f"{type(model).__name__} (model_type {model_type!r}): no RMSNorm, SiLU MLP "

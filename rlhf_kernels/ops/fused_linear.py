@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import _backends
 from ..reference import ppo_loss as F
-from . import _checks
+from . import _checks, tied_embedding
 from .logprobs import check_label_range, check_labels, check_temperature, float_out
 from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_ppo_inputs
 
@@ -112,6 +112,7 @@ def _logprobs_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, labels, lse, ent)
     ctx.options = (inv_temperature, chunk, backend)
     ctx.set_materialize_grads(False)
+    ctx.tied_embedding = tied_embedding.link(weight)
 
 
 def _logprobs_backward(ctx, grad_logp, grad_ent, _grad_lse):
@@ -122,6 +123,8 @@ def _logprobs_backward(ctx, grad_logp, grad_ent, _grad_lse):
         grad_logp = torch.zeros_like(lse)
     grad_hidden, grad_weight = fused_linear_logprobs_bwd(hidden, weight, labels, lse, ent,
                                                          grad_logp, grad_ent, *ctx.options)
+    if ctx.needs_input_grad[1]:
+        grad_weight = tied_embedding.hand_over(ctx.tied_embedding, grad_weight, weight.dtype)
     return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -199,12 +202,15 @@ def _(hidden, weight, labels, old, adv, ref, weights, *options):
 def _ppo_setup(ctx, inputs, output):
     ctx.save_for_backward(output[3], output[4])
     ctx.weight_dtype = inputs[1].dtype
+    ctx.tied_embedding = tied_embedding.link(inputs[1])
 
 
 def _ppo_backward(ctx, grad_loss, *_unused):
     grad_hidden, grad_weight = ctx.saved_tensors
-    return ((grad_hidden * grad_loss.to(grad_hidden.dtype),
-             (grad_weight * grad_loss).to(ctx.weight_dtype)) + (None,) * 15)
+    grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_weight = tied_embedding.hand_over(ctx.tied_embedding, grad_weight, ctx.weight_dtype)
+    return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight) + (None,) * 15
 
 
 fused_linear_ppo_loss.register_autograd(_ppo_backward, setup_context=_ppo_setup)

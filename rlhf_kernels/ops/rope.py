@@ -25,13 +25,13 @@ def _rows(x, cos, signed_sin):
             signed_sin.reshape(batch * length, dim))
 
 
-def _rotate_rows(kernel, x, cos, signed_sin):
+def rotate_rows(kernel, x, cos, signed_sin):
     return kernel(*_rows(x, cos, signed_sin)).view(x.shape)
 
 
 @torch.library.custom_op("rlhf_kernels::rope", mutates_args=())
 def rope_op(x: Tensor, cos: Tensor, signed_sin: Tensor, backend: str) -> Tensor:
-    return _rotate_rows(_backends.kernel("rope", backend)[0], x, cos, signed_sin)
+    return rotate_rows(_backends.kernel("rope", backend)[0], x, cos, signed_sin)
 
 
 @rope_op.register_fake
@@ -66,5 +66,5 @@ def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, *, backend: str = "auto")
     if name == "torch" or cos.requires_grad or signed_sin.requires_grad:
         return reference(x, cos, signed_sin)  # the kernel has no gradient for the tables
     if _checks.direct_call_ok(x):
-        return _rotate_rows(_backends.kernel("rope", name)[0], x, cos, signed_sin)
+        return rotate_rows(_backends.kernel("rope", name)[0], x, cos, signed_sin)
     return rope_op(x, cos, signed_sin, name)

@@ -7,11 +7,14 @@ runs the model's math with plain tensor ops, calling `attend` for attention. A f
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ... import _backends
 from ...ops.rms_norm import rms_norm as fused_norm_op
+from ...ops.rope import rotate_rows
 from ...ops.rope import rotate as fused_rotate_op
 from ...ops.swiglu import swiglu as fused_swiglu_op
 from ...reference.rms_norm import rms_norm  # HF's rounding; the adapters' default
@@ -46,23 +49,36 @@ def _kernel_applies(op: str, backend: str, device, dtype) -> bool:
     return _backends.choose(op, "auto", device, dtype) != "torch"
 
 
-def fused_rms_norm(backend: str, device, dtype):
+# Without autograd (generation, experience forwards) the adapters call the forward kernels
+# themselves: the ops' argument checks and backend choice were settled once, by use_kernels
+# for the model's dtype and device, and cost more than the kernel at decode sizes (RoPE on
+# one token: ~50 us through rlhf_kernels.ops.rope.rotate, ~12 us the kernel).
+
+def fused_rms_norm(backend: str, device, dtype, grad: bool = True):
     """Our CPU kernels for RMSNorm, forward and backward (rlhf_kernels.ops.rms_norm): one pass
     where ATen runs a chain of ops (~30 us per call at decode sizes, ~16 autograd nodes in
-    training); None where they do not apply."""
-    return fused_norm_op if _kernel_applies("rms_norm", backend, device, dtype) else None
+    training); without grad the forward kernel alone; None where they do not apply."""
+    if not _kernel_applies("rms_norm", backend, device, dtype):
+        return None
+    return fused_norm_op if grad else _backends.kernel("rms_norm", "cpu")[0]
 
 
-def fused_rotate(backend: str, device, dtype):
-    """Our CPU kernel for RoPE, forward and backward (rlhf_kernels.ops.rope); None where it
-    does not apply."""
-    return fused_rotate_op if _kernel_applies("rope", backend, device, dtype) else None
+def fused_rotate(backend: str, device, dtype, grad: bool = True):
+    """Our CPU kernel for RoPE, forward and backward (rlhf_kernels.ops.rope); without grad the
+    forward kernel alone; None where it does not apply."""
+    if not _kernel_applies("rope", backend, device, dtype):
+        return None
+    if grad:
+        return fused_rotate_op
+    return functools.partial(rotate_rows, _backends.kernel("rope", "cpu")[0])
 
 
-def fused_swiglu(backend: str, device, dtype):
+def fused_swiglu(backend: str, device, dtype, grad: bool = True):
     """Our CPU kernels for silu(gate) * up, forward and backward (rlhf_kernels.ops.swiglu);
-    None where they do not apply."""
-    return fused_swiglu_op if _kernel_applies("swiglu", backend, device, dtype) else None
+    without grad the forward kernel alone; None where they do not apply."""
+    if not _kernel_applies("swiglu", backend, device, dtype):
+        return None
+    return fused_swiglu_op if grad else _backends.kernel("swiglu", "cpu")[0]
 
 
 def skinny_linear(backend: str, device, dtype):
@@ -146,8 +162,8 @@ class DecoderAdapter:
         """Our CPU kernels where they apply; with grad only the differentiable ones."""
         skinny = None if grad else skinny_linear(backend, self.device, self.dtype)
         self.linear = skinny or F.linear
-        self.rms_norm = fused_rms_norm(backend, self.device, self.dtype) or rms_norm
-        self.rotate = fused_rotate(backend, self.device, self.dtype) or rotate
+        self.rms_norm = fused_rms_norm(backend, self.device, self.dtype, grad) or rms_norm
+        self.rotate = fused_rotate(backend, self.device, self.dtype, grad) or rotate
 
     def check_length(self, total: int) -> None:
         if self.max_positions is not None and total > self.max_positions:

@@ -72,7 +72,8 @@ class LlamaAdapter(DecoderAdapter):
 
     def use_kernels(self, backend: str, grad: bool = False) -> None:
         super().use_kernels(backend, grad)
-        swiglu = fused_swiglu(backend, self.device, self.dtype) if self.act is F.silu else None
+        swiglu = fused_swiglu(backend, self.device, self.dtype, grad) if self.act is F.silu \
+            else None
         self.gated = swiglu or self.act_times_up
 
     def embed(self, ids, positions):
