@@ -50,6 +50,30 @@ def test_greedy_equals_hf_token_for_token(family, rng, monkeypatch):
         assert (response[row, stop:] == 0).all()
 
 
+@pytest.mark.parametrize("family", ["llama-gqa-tied", "mistral-sliding-window", "gpt2"])
+def test_repeated_prompts_are_prefilled_once(family, rng, monkeypatch):
+    """A group of completions per prompt (GRPO): one prefill row per distinct prompt, and
+    every row continues from its own prompt's keys and values."""
+    model = build(CONFIGS[family], seed=5)
+    ids, mask = left_padded_prompts([5, 1, 9], rng)
+    order = torch.tensor([0, 2, 0, 1, 2, 0])
+    ids, mask = ids[order], mask[order]
+    prefilled = []
+
+    class Recorded(loop.PrefillAttention):
+        def __init__(self, cache, attention_mask, windows):
+            prefilled.append(attention_mask.shape[0])
+            super().__init__(cache, attention_mask, windows)
+    monkeypatch.setattr(loop, "PrefillAttention", Recorded)
+    ours = generate(model, ids, mask, max_new_tokens=8, temperature=0, eos_token_id=[])
+    assert prefilled == [3]
+    assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 8, eos=[]))
+    out = generate(model, ids, mask, max_new_tokens=8, temperature=1.0, eos_token_id=[],
+                   generator=rng)
+    expected = teacher_forced(model, out, mask, 1.0) * out.response_mask
+    torch.testing.assert_close(out.logprobs, expected.float(), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama-gqa-tied", "mistral-sliding-window", "gpt2", "opt"])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 0, 1.0),
                                                      (0.7, 20, 1.0), (1.3, 0, 0.9)])

@@ -214,8 +214,22 @@ class _Decoder:
         self.prompt_positions = positions
 
     def prefill(self):
-        attend = PrefillAttention(self.cache, self.mask, self.adapter.windows)
-        return self.adapter.forward(self.input_ids, self.prompt_positions, attend)
+        """Logits of the prompts' last positions, their K / V in the cache. Identical prompts
+        (GRPO / RLOO sample a group of completions per prompt) are run once: the distinct rows
+        fill the cache's first rows, then every row gets its prompt's keys and values."""
+        distinct, inverse = torch.unique(torch.cat([self.input_ids, self.mask], 1), dim=0,
+                                         return_inverse=True)
+        if len(distinct) == len(inverse):
+            attend = PrefillAttention(self.cache, self.mask, self.adapter.windows)
+            return self.adapter.forward(self.input_ids, self.prompt_positions, attend)
+        ids, mask = distinct.split(self.input_ids.shape[1], 1)
+        attend = PrefillAttention(self.cache, mask, self.adapter.windows)
+        logits = self.adapter.forward(ids, position_ids_from_mask(mask), attend)
+        length, batch = ids.shape[1], len(inverse)
+        for layer in range(self.adapter.num_layers):
+            for cache in self.cache.layer(layer, batch):
+                cache[:, :, :length] = cache[inverse, :, :length]  # (a gathered copy)
+        return logits[inverse]
 
     def step(self):
         attend = DecodeAttention(self.cache, self.kernel, self.length, self.start,
