@@ -3,6 +3,7 @@
 
 #include "build_info.h"
 #include "decode.h"
+#include "decode_layer.h"
 #include "gae.h"
 #include "logprobs.h"
 #include "rms_norm.h"
@@ -47,6 +48,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward_cpu", &rms_norm_backward_cpu,
         "(grad x, grad weight) of rms_norm_cpu, C++ CPU kernel", nogil, py::arg("grad_y"),
         py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("llama_decode_layer_cpu", &llama_decode_layer_cpu,
+        "a Llama-family decoder layer for one decode step, C++ CPU kernels", nogil,
+        py::arg("h"), py::arg("norms"), py::arg("weights"), py::arg("biases"), py::arg("eps"),
+        py::arg("qk_eps"), py::arg("heads"), py::arg("kv_heads"), py::arg("cos"),
+        py::arg("signed_sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"),
+        py::arg("cache_start"), py::arg("softmax_scale"));
   m.def("sample_cpu", &sample_cpu, "temperature / top-k / top-p sampling, C++ CPU kernel",
         nogil, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("uniforms"));

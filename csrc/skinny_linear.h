@@ -4,7 +4,14 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <vector>
+
 constexpr int64_t SKINNY_MAX_ROWS = 8;
 
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
                              const c10::optional<at::Tensor>& bias);
+
+// The same for several weights [N_i, K] read by one x, in one parallel region; returns y_i.
+std::vector<at::Tensor> skinny_linears_cpu(const at::Tensor& x,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<c10::optional<at::Tensor>>& biases);

@@ -74,35 +74,59 @@ void skinny_block_baseline(const float* xt, int64_t K, const float* w, float* y,
 
 }  // namespace
 
-at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
-                             const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "skinny_linear_cpu: x [M, K] and w [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "skinny_linear_cpu: float32 only");
+std::vector<at::Tensor> skinny_linears_cpu(const at::Tensor& x,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<c10::optional<at::Tensor>>& biases) {
+  TORCH_CHECK(x.dim() == 2, "skinny_linear_cpu: x [M, K] and w [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "skinny_linear_cpu: float32 only");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= SKINNY_MAX_ROWS, "skinny_linear_cpu: 1 to ",
               SKINNY_MAX_ROWS, " rows of x");
-  const at::Tensor wc = w.contiguous(), xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
+              "skinny_linear_cpu: one bias (or None) per weight");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  std::vector<at::Tensor> ws, ys;
+  // the weights' 8-row tiles in one index space: tile t of weight i is first[i] + t
+  std::vector<int64_t> first{0};
+  for (const at::Tensor& w : weights) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K, "skinny_linear_cpu: x [M, K] and w [N, K]");
+    TORCH_CHECK(w.scalar_type() == at::kFloat, "skinny_linear_cpu: float32 only");
+    ws.push_back(w.contiguous());
+    ys.push_back(at::empty({M, w.size(0)}, xc.options()));
+    first.push_back(first.back() + (w.size(0) + 7) / 8);
+  }
   // xt [K, 8]: x transposed, lanes past M zero (built here: a few KB, no ATen op per call)
   std::vector<float> xt(K * 8, 0.f);
   const float* xsrc = xc.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xt[k * 8 + m] = xsrc[m * K + k];
-  at::Tensor y = at::empty({M, N}, xc.options());
   const float* xp = xt.data();
-  const float* wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  // grain: whole 8-row tiles, and enough of them that a task streams >= 64 KB of weights
-  const int64_t grain = 8 * std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+  // grain: enough tiles that a task streams >= 64 KB of weights
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
   const auto block = rlhf_cpu::cpu_has_v3() ? skinny_block_v3 : skinny_block_baseline;
-  at::parallel_for(0, (N + 7) / 8 * 8, grain, [&](int64_t lo, int64_t hi) {
-    block(xp, K, wp, yp, M, N, lo, std::min(hi, N));
+  // one parallel region for all the weights (a decode step's q / k / v read one x): a task's
+  // tiles may span two weights
+  at::parallel_for(0, first.back(), grain, [&](int64_t lo, int64_t hi) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t a = std::max(lo, first[i]), b = std::min(hi, first[i + 1]);
+      if (a >= b) continue;
+      const int64_t N = ws[i].size(0);
+      block(xp, K, ws[i].data_ptr<float>(), ys[i].data_ptr<float>(), M, N, (a - first[i]) * 8,
+            std::min((b - first[i]) * 8, N));
+    }
   });
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N,
-                "skinny_linear_cpu: bias [N] float32");
-    y.add_(*bias);
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const c10::optional<at::Tensor>& bias = biases[i];
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == ws[i].size(0),
+                  "skinny_linear_cpu: bias [N] float32");
+      ys[i].add_(*bias);
+    }
   }
-  return y;
+  return ys;
+}
+
+at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& w,
+                             const c10::optional<at::Tensor>& bias) {
+  return skinny_linears_cpu(x, {w}, {bias})[0];
 }

@@ -26,6 +26,8 @@ def _rows(x, cos, signed_sin):
 
 
 def rotate_rows(kernel, x, cos, signed_sin):
+    """`kernel` (the CPU RoPE entry point) on x [B, T, H, D] and tables [B, T, 1, D], with no
+    checks: for callers that settled dtype and device once (the generation adapters)."""
     return kernel(*_rows(x, cos, signed_sin)).view(x.shape)
 
 

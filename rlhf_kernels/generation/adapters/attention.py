@@ -62,9 +62,13 @@ class DecodeAttention:
         self.starts = {w: start if w is None else torch.maximum(start, lengths + 1 - w)
                        for w in set(windows)}
 
-    def __call__(self, layer, q, k, v, scale):
+    def inputs(self, layer):
+        """(K cache, V cache, lengths, first positions) of `layer` for this step."""
         key_cache, value_cache = self.cache.layer(layer, self.batch)
-        out = self.kernel(q[:, 0].contiguous(), key_cache, value_cache, self.lengths,
-                          k[:, 0].contiguous(), v[:, 0].contiguous(),
-                          self.starts[self.windows[layer]], scale)
+        return key_cache, value_cache, self.lengths, self.starts[self.windows[layer]]
+
+    def __call__(self, layer, q, k, v, scale):
+        key_cache, value_cache, lengths, start = self.inputs(layer)
+        out = self.kernel(q[:, 0].contiguous(), key_cache, value_cache, lengths,
+                          k[:, 0].contiguous(), v[:, 0].contiguous(), start, scale)
         return out.reshape(self.batch, 1, -1)

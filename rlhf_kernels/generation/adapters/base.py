@@ -98,6 +98,21 @@ def skinny_linear(backend: str, device, dtype):
 SKINNY_MAX_ROWS = 8  # csrc/skinny_linear.h
 
 
+def cpu_attention_kernel():
+    """The CPU decode-attention kernel of the table (None when the extension is not built)."""
+    loaded, _ = _backends._entries("decode_attention", "cpu")
+    return None if loaded is None else loaded[0]
+
+
+def decode_layer_kernel():
+    """csrc/decode_layer.h: a Llama-family block for a decode step, composed of the CPU
+    kernels of the table (rms_norm, skinny_linear, rope, decode_attention, swiglu) in the
+    Python block's order, so its result is that block's bit for bit. Used only where the
+    adapter runs every one of those kernels; None when the extension lacks it."""
+    ext, _ = _backends.extension()
+    return getattr(ext, "llama_decode_layer_cpu", None)
+
+
 class DecoderAdapter:
     family = "?"
     max_positions = None   # learned position tables bound the length; RoPE does not

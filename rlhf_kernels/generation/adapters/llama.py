@@ -7,15 +7,18 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ...reference.rope import rope_tables
-from .base import DecoderAdapter, Unsupported, fused_swiglu, linear
+from ...reference.rms_norm import rms_norm
+from ...reference.rope import rope_tables, rotate
+from .attention import DecodeAttention
+from .base import (DecoderAdapter, Unsupported, cpu_attention_kernel, decode_layer_kernel,
+                   fused_swiglu, linear)
 
 
 def _weights(layer):
     """One decoder layer's tensors, read where they are (no copy)."""
     attention, mlp = layer.self_attn, layer.mlp
     q_norm = getattr(attention, "q_norm", None)
-    return SimpleNamespace(
+    w = SimpleNamespace(
         q=linear(attention.q_proj), k=linear(attention.k_proj), v=linear(attention.v_proj),
         o=linear(attention.o_proj), gate=linear(mlp.gate_proj), up=linear(mlp.up_proj),
         down=linear(mlp.down_proj), input_norm=layer.input_layernorm.weight,
@@ -24,6 +27,11 @@ def _weights(layer):
         q_norm=None if q_norm is None else q_norm.weight,
         k_norm=None if q_norm is None else attention.k_norm.weight,
         qk_eps=None if q_norm is None else q_norm.variance_epsilon)
+    # the same tensors as the decode-layer kernel takes them (csrc/decode_layer.h)
+    projections = (w.q, w.k, w.v, w.o, w.gate, w.up, w.down)
+    w.weights, w.biases = [p[0] for p in projections], [p[1] for p in projections]
+    w.norms = [w.input_norm, w.post_norm] + ([] if q_norm is None else [w.q_norm, w.k_norm])
+    return w
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -75,6 +83,10 @@ class LlamaAdapter(DecoderAdapter):
         swiglu = fused_swiglu(backend, self.device, self.dtype, grad) if self.act is F.silu \
             else None
         self.gated = swiglu or self.act_times_up
+        # a decode step's layer in one call when every op of the block runs our CPU kernel
+        self.decode_layer = decode_layer_kernel() if (
+            swiglu is not None and not grad and self.linear is not F.linear
+            and self.rotate is not rotate and self.rms_norm is not rms_norm) else None
 
     def embed(self, ids, positions):
         return F.embedding(ids, self.embed_tokens.weight)
@@ -99,6 +111,12 @@ class LlamaAdapter(DecoderAdapter):
 
     def block(self, index, w, h, shape, tables, attend):
         cos, sin = tables
+        if self.decode_layer is not None and isinstance(attend, DecodeAttention) \
+                and attend.kernel is cpu_attention_kernel():
+            k_cache, v_cache, lengths, start = attend.inputs(index)
+            return self.decode_layer(h, w.norms, w.weights, w.biases, w.eps, w.qk_eps or 0.0,
+                                     self.heads, self.kv_heads, cos, sin, k_cache, v_cache,
+                                     lengths, start, self.scale)
         x = self.rms_norm(h, w.input_norm, w.eps)
         q = self.linear(x, *w.q).view(*shape, self.heads, self.head_dim)
         k = self.linear(x, *w.k).view(*shape, self.kv_heads, self.head_dim)
