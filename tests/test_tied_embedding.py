@@ -66,7 +66,7 @@ def tied_pair():
     ids = torch.randint(3, model.config.vocab_size, (3, 7), generator=rng)
     ids[0, 2] = ids[0, 5] = ids[2, 1]  # a repeated id: its rows add up
     labels = torch.randint(3, model.config.vocab_size, (3, 7), generator=rng)
-    return model, copy.deepcopy(apply_rlhf_training_kernels(copy.deepcopy(model))), ids, labels
+    return model, apply_rlhf_training_kernels(copy.deepcopy(model)), ids, labels
 
 
 def test_fused_head_and_tied_embedding_share_one_dense_gradient(tied_pair):

@@ -54,31 +54,32 @@ def _kernel_applies(op: str, backend: str, device, dtype) -> bool:
 # for the model's dtype and device, and cost more than the kernel at decode sizes (RoPE on
 # one token: ~50 us through rlhf_kernels.ops.rope.rotate, ~12 us the kernel).
 
+def _layer_kernel(op: str, backend: str, device, dtype, grad: bool, differentiable):
+    """`differentiable` (the op) with grad, the op's CPU forward kernel without; None where our
+    kernels do not apply."""
+    if not _kernel_applies(op, backend, device, dtype):
+        return None
+    return differentiable if grad else _backends.kernel(op, "cpu")[0]
+
+
 def fused_rms_norm(backend: str, device, dtype, grad: bool = True):
     """Our CPU kernels for RMSNorm, forward and backward (rlhf_kernels.ops.rms_norm): one pass
     where ATen runs a chain of ops (~30 us per call at decode sizes, ~16 autograd nodes in
     training); without grad the forward kernel alone; None where they do not apply."""
-    if not _kernel_applies("rms_norm", backend, device, dtype):
-        return None
-    return fused_norm_op if grad else _backends.kernel("rms_norm", "cpu")[0]
+    return _layer_kernel("rms_norm", backend, device, dtype, grad, fused_norm_op)
 
 
 def fused_rotate(backend: str, device, dtype, grad: bool = True):
     """Our CPU kernel for RoPE, forward and backward (rlhf_kernels.ops.rope); without grad the
     forward kernel alone; None where it does not apply."""
-    if not _kernel_applies("rope", backend, device, dtype):
-        return None
-    if grad:
-        return fused_rotate_op
-    return functools.partial(rotate_rows, _backends.kernel("rope", "cpu")[0])
+    kernel = _layer_kernel("rope", backend, device, dtype, grad, fused_rotate_op)
+    return kernel if grad or kernel is None else functools.partial(rotate_rows, kernel)
 
 
 def fused_swiglu(backend: str, device, dtype, grad: bool = True):
     """Our CPU kernels for silu(gate) * up, forward and backward (rlhf_kernels.ops.swiglu);
     without grad the forward kernel alone; None where they do not apply."""
-    if not _kernel_applies("swiglu", backend, device, dtype):
-        return None
-    return fused_swiglu_op if grad else _backends.kernel("swiglu", "cpu")[0]
+    return _layer_kernel("swiglu", backend, device, dtype, grad, fused_swiglu_op)
 
 
 def skinny_linear(backend: str, device, dtype):
