@@ -33,12 +33,17 @@ def logprobs_fwd(logits: torch.Tensor, temperature: float) -> float:
     return U32 * (logits.shape[-1] / 16 + 64) * (4 + 4 * zmax)
 
 
-def logprobs_grad(grad_ref: torch.Tensor, fwd_tol: float, dtype, truncating: bool) -> float:
+def logprobs_grad(grad_ref: torch.Tensor, fwd_tol: float, dtype, truncating: bool,
+                  upstream: float = 0.0) -> float:
     """d/dlogits (tests/logprobs_oracle.py grad_tolerance): p = exp(z - lse) carries the lse
     error, then the grad is stored in the logits dtype: half an ulp rounded to nearest, a whole
     one when truncated (the Triton interpreter casts float32 -> bfloat16 that way)."""
     gmax = grad_ref.abs().max().item()
-    return gmax * (4 * fwd_tol + DTYPE_ULP[dtype] * (2 if truncating else 1)) + 1e-12
+    # upstream (a bound on |d loss / d logp| / T): the label's entry is (p_y - 1) * upstream,
+    # whose p_y carries the same relative error and whose subtraction rounds once; with p_y
+    # near 1 that error is not small next to max |grad|
+    return (gmax * (4 * fwd_tol + DTYPE_ULP[dtype] * (2 if truncating else 1))
+            + upstream * (4 * fwd_tol + U32) + 1e-12)
 
 
 def ppo_lipschitz(advantages: torch.Tensor, kl_coef: float) -> float:
