@@ -15,6 +15,8 @@ def hf_processors(model, prompt_ids, prompt_mask, **options):
     options resolved as generate resolves them (over the model's and transformers' defaults,
     top_k=50 among them)."""
     config, _ = model._prepare_generation_config(None, **options)
+    # the EOS tensor HF's min-length processors read, set as generate sets it
+    model._prepare_special_tokens(config, True, device=prompt_ids.device)
     return model._get_logits_processor(generation_config=config,
                                        input_ids_seq_length=prompt_ids.shape[1],
                                        model_kwargs={"attention_mask": prompt_mask},

@@ -36,7 +36,7 @@ DECLINED_CASES = [
     dict(do_sample=False, bad_words_ids=[[11]]),
     dict(do_sample=False, num_beams=2),
     dict(do_sample=True, typical_p=0.5),
-    dict(do_sample=False, min_new_tokens=8, eos_token_id=5),
+    dict(do_sample=False, forced_eos_token_id=5, eos_token_id=5),
     # HF applies min-p after top-p, whose kept set depends on what it is given: no
     # pre-filtering gives HF's set
     dict(do_sample=True, top_k=0, top_p=0.7, min_p=0.1),
@@ -121,6 +121,9 @@ SERVED_CASES = {  # call options, and the option a sampler blind to it would mis
     "penalty0.3": (dict(temperature=0.5, top_k=0, repetition_penalty=0.3),
                    "repetition_penalty"),
     "suppress": (dict(temperature=0.7, top_k=0, suppress_tokens="likely"), "suppress_tokens"),
+    # the most likely first token as EOS, which min_new_tokens=1 forbids
+    "min_new": (dict(temperature=1.0, top_k=0, min_new_tokens=1, eos_token_id="likely"),
+                "min_new_tokens"),
 }
 DRAWS = 8000
 
@@ -152,9 +155,12 @@ def _case(model, case, rng):
     for _ in range(10):
         ids, mask = _repetitive_prompt(model, rng)
         options = dict(SERVED_CASES[case][0], do_sample=True)
-        if options.get("suppress_tokens") == "likely":
-            plain = hf_first_token_probs(model, ids, mask, **dict(options, suppress_tokens=None))
-            options["suppress_tokens"] = plain[0].argsort(descending=True)[:8].tolist()
+        likely = [k for k in ("suppress_tokens", "eos_token_id") if options.get(k) == "likely"]
+        if likely:
+            plain = hf_first_token_probs(model, ids, mask, **dict(options, **{likely[0]: None}))
+            top = plain[0].argsort(descending=True)
+            options[likely[0]] = top[:8].tolist() if likely[0] == "suppress_tokens" \
+                else int(top[0])
         exact = hf_first_token_probs(model, ids, mask, **options)[0]
         bound, miss = tv_bound(exact, DRAWS), SERVED_CASES[case][1]
         if miss is None or total_variation(_blind_probs(model, ids, mask, options, miss),
@@ -202,6 +208,30 @@ def test_served_greedy_penalty_and_suppression_equal_hf(as_config, rng, monkeypa
         args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **args), theirs)
     assert len(used) == len(calls)
+
+
+@pytest.mark.parametrize("as_config", [False, True], ids=["kwargs", "generation_config"])
+def test_served_min_length_equals_hf(as_config, rng, monkeypatch):
+    """min_new_tokens / min_length (which counts the padded prompt; min_new_tokens wins over
+    it) keep EOS out until then, greedy and token for token as HF, on the fused path; a
+    minimum past max_new_tokens means no EOS at all (HF only warns)."""
+    model = build(CONFIGS["llama-gqa-tied"], seed=2)
+    ids, mask = left_padded_prompts([4, 7, 2, 5], rng)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    eos = int(free[0, 8])  # the second token of row 0: without a minimum, row 0 ends there
+    base = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **base)
+    calls = [dict(base, min_new_tokens=5), dict(base, min_length=7 + 4),
+             dict(base, min_new_tokens=3, min_length=7 + 8), dict(base, min_new_tokens=12)]
+    expected = [model.generate(input_ids=ids, attention_mask=mask, **c) for c in calls]
+    assert all(not torch.equal(e, plain) for e in expected)  # each minimum changes the answer
+    apply_rlhf_kernels(model)
+    used = spy_fused(monkeypatch)
+    for call, theirs in zip(calls, expected):
+        args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **args), theirs)
+    assert [u["min_new_tokens"] for u in used] == [5, 4, 3, 12]
 
 
 def test_penalty_declined_where_hf_penalises_the_padding(rng, monkeypatch, caplog):

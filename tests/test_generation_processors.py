@@ -59,6 +59,9 @@ PROCESSED_CASES = [
     dict(temperature=1.3, repetition_penalty=0.6, top_k=50),
     dict(temperature=0.8, min_p=0.1),
     dict(temperature=1.5, repetition_penalty=1.3, suppress_tokens=[5, 9], top_k=20, min_p=0.05),
+    # EOS ids at -inf for the first steps (ids past the vocabulary change nothing)
+    dict(temperature=0, min_new_tokens=6, eos_token_id=[5, 9, 400]),
+    dict(temperature=1.1, repetition_penalty=1.2, min_new_tokens=4, eos_token_id=[7], top_k=30),
 ]
 
 
@@ -69,9 +72,9 @@ def test_processed_logits_equal_hf_bitwise(case, rng, monkeypatch):
     model = build(CONFIGS["llama-gqa-tied"], seed=3)
     ids, mask = padded_prompts(rng)
     calls = record(monkeypatch, processors.LogitsProcessors, "__call__")
-    out = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0,
-                   generator=rng, **case)
-    assert out.path == "fused:llama" and len(calls) == 10
+    out = generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, generator=rng,
+                   **dict(dict(eos_token_id=[]), **case))
+    assert out.path == "fused:llama" and len(calls) == out.sequences.shape[1] - ids.shape[1]
     temperature = case["temperature"] or 1.0
     # top-k alone is left to the sampler, whose kept set is HF's TopKLogitsWarper's
     sampler_top_k = tf.TopKLogitsWarper(case["top_k"]) \
@@ -199,6 +202,8 @@ def test_fallback_model_gets_the_options_and_no_others(rng):
     (dict(suppress_tokens=[-1]), ValueError, "suppress_tokens"),
     (dict(suppress_tokens=[1.5]), ValueError, "suppress_tokens"),
     (dict(suppress_tokens=3), TypeError, "suppress_tokens"),
+    (dict(min_new_tokens=-1), ValueError, "min_new_tokens"),
+    (dict(min_new_tokens=2.0), ValueError, "min_new_tokens"),
 ])
 def test_bad_processor_options(options, error, match, rng):
     model = build(CONFIGS["gpt2"], seed=1)

@@ -64,7 +64,8 @@ def hf_generate(model, input_ids, attention_mask, *, max_new_tokens, temperature
     # send this call back here (a RecursionError with unmerged LoRA)
     hf_generate_fn = model.__dict__.get("_rlhf_kernels_original_generate", model.generate)
     sequences = hf_generate_fn(input_ids=input_ids, attention_mask=attention_mask,
-                               max_new_tokens=max_new_tokens, min_new_tokens=0,
+                               max_new_tokens=max_new_tokens,
+                               min_new_tokens=processing.min_new_tokens,
                                eos_token_id=eos_ids.tolist(), pad_token_id=pad_token_id,
                                **options)
     response = sequences[:, prompt_len:]

@@ -117,14 +117,15 @@ def _eos_tensor(model, eos_token_id, device):
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, suppress_tokens=None, min_p: float = 0.0,
-             eos_token_id=None, pad_token_id=None, generator=None,
+             min_new_tokens: int = 0, eos_token_id=None, pad_token_id=None, generator=None,
              cache: StaticKVCache | None = None, cuda_graph: bool = True, fused: bool = True,
              backend: str = "auto") -> GenerationOutput:
     """Sample (or greedily pick, temperature=0) up to `max_new_tokens` tokens per prompt.
 
     The options mean what they mean in HF `generate` (with do_sample = temperature > 0), in its
     order: repetition_penalty (1 = off; the prompt's tokens count, its left padding does not),
-    suppress_tokens (ids never emitted), then when sampling temperature, top_k (0 = off),
+    min_new_tokens (no EOS before that many new tokens; 0 = off), suppress_tokens (ids never
+    emitted), then when sampling temperature, top_k (0 = off),
     top_p (top-p of the top-k distribution), min_p (0 = off).
     `logprobs` are log_softmax(logits / T)[token] of the model's unprocessed logits (see the
     module's docstring), 0 after EOS.
@@ -135,7 +136,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int,
     `fused=False` takes the HF path even when an adapter exists (the baseline of benchmarks).
     """
     temperature, top_k, top_p = decode_ops.check_sampling(temperature, top_k, top_p)
-    processing = Processing.checked(repetition_penalty, suppress_tokens, min_p)
+    processing = Processing.checked(repetition_penalty, suppress_tokens, min_p, min_new_tokens)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
     model = unwrap(model)
@@ -284,7 +285,8 @@ class _Decoder:
         the running sequences need, which matters when a few long answers outlast the rest."""
         batch, device, eos = self.token.shape[0], self.token.device, eos_ids
         processors = LogitsProcessors(processing, self.input_ids, self.mask,
-                                      temperature=temperature, top_k=top_k, top_p=top_p) \
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      eos_ids=eos) \
             if processing.active(temperature, top_k, top_p) else None
         sampling = (temperature, top_k, top_p, processors)
         tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long,

@@ -1,10 +1,14 @@
 """The logits processors of the generation loop: transformers' own arithmetic, in its order.
 
 HF's `generate` turns the step's logits (float32) into the sampled distribution as
-    repetition_penalty -> suppress_tokens -> [sampling only] temperature -> top_k -> top_p -> min_p
+    repetition_penalty -> min length -> suppress_tokens
+    -> [sampling only] temperature -> top_k -> top_p -> min_p
 so the loop does the same on the float32 logits before its sampler:
   - repetition_penalty p: every token id seen so far in the row (its prompt, left padding
     excluded, then every token it generated) gets logit * p where negative, logit / p otherwise.
+  - min_new_tokens n: the EOS ids get -inf while fewer than n tokens have been generated (HF's
+    MinLengthLogitsProcessor and MinNewTokensLengthLogitsProcessor; a min_length counts the
+    padded prompt, so it arrives here as min_length - prompt width).
   - suppress_tokens: those ids get -inf (ids past the logits' width change nothing).
   - top_k with top_p < 1: HF takes top-p of the top-k distribution renormalised, the sampler's
     top-p counts the whole vocabulary; so top-k is applied here, as -inf, and the sampler does
@@ -37,9 +41,11 @@ class Processing:
     repetition_penalty: float = 1.0
     suppress_tokens: tuple = ()
     min_p: float = 0.0
+    min_new_tokens: int = 0
 
     @classmethod
-    def checked(cls, repetition_penalty=1.0, suppress_tokens=None, min_p=0.0) -> "Processing":
+    def checked(cls, repetition_penalty=1.0, suppress_tokens=None, min_p=0.0,
+                min_new_tokens=0) -> "Processing":
         penalty = _checks.number("repetition_penalty", repetition_penalty)
         if not (penalty > 0 and math.isfinite(penalty)):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), "
@@ -47,12 +53,17 @@ class Processing:
         min_p_value = _checks.number("min_p", min_p)
         if not 0.0 <= min_p_value <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
-        return cls(penalty, _token_ids(suppress_tokens), min_p_value)
+        if not isinstance(min_new_tokens, numbers.Integral) or isinstance(min_new_tokens, bool) \
+                or min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0 (0 = off), "
+                             f"got {min_new_tokens!r}")
+        return cls(penalty, _token_ids(suppress_tokens), min_p_value, int(min_new_tokens))
 
     def active(self, temperature: float, top_k: int, top_p: float) -> bool:
         """Whether the sampler alone would not give HF's distribution."""
         sampling = temperature > 0
         return (self.repetition_penalty != 1.0 or bool(self.suppress_tokens)
+                or self.min_new_tokens > 0
                 or sampling and (self.min_p > 0 or top_k > 0 and top_p < 1.0))
 
 
@@ -93,12 +104,14 @@ def min_p_removed(z: torch.Tensor, min_p: float) -> torch.Tensor:
 
 class LogitsProcessors:
     """The processors of one generation. `rows` [b] (the original rows of the running batch,
-    which shrinks on the CPU) index the per-row state."""
+    which shrinks on the CPU) index the per-row state. Called once per step, then `observe`d."""
 
     def __init__(self, processing: Processing, prompt_ids, prompt_mask, *, temperature,
-                 top_k, top_p):
+                 top_k, top_p, eos_ids=None):
         self.processing, self.temperature = processing, temperature
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
+        self.eos_ids = eos_ids if eos_ids is not None else torch.zeros(0, dtype=torch.long)
+        self.generated = 0  # tokens appended so far: the step's index
         sampling = temperature > 0
         # top-k here when something after it must see the top-k distribution (top-p, min-p)
         self.top_k = top_k if sampling and (top_p < 1.0 or processing.min_p > 0) else 0
@@ -126,6 +139,9 @@ class LogitsProcessors:
             self._build(scores.shape[-1], scores.device)
         if self.seen is not None:
             scores = penalise(scores, self.seen[rows], self.processing.repetition_penalty)
+        if self.generated < self.processing.min_new_tokens:
+            eos = self.eos_ids[self.eos_ids < scores.shape[-1]].to(scores.device)
+            scores = scores.index_fill(-1, eos, -math.inf)
         if self.suppressed is not None:
             scores = scores.masked_fill(self.suppressed, -math.inf)
         if self.top_k or self.min_p:
@@ -140,6 +156,7 @@ class LogitsProcessors:
 
     def observe(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
         """The tokens [b] just appended to the rows (valid ids: pads after EOS)."""
+        self.generated += 1
         if self.seen is not None:
             self.seen[rows, tokens] = True
 

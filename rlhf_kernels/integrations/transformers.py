@@ -9,7 +9,8 @@ Each call resolves the *effective* generation config the way HF's `generate` doe
 HF's own `_prepare_generation_config`), and the fused loop serves it only when every option is
 one it implements exactly: greedy or sampling with temperature / top-k / top-p (HF's default
 top_k=50 included, top-p of the top-k distribution as HF) / min_p, repetition_penalty,
-suppress_tokens, max_new_tokens (or max_length), eos / pad ids. It returns what HF returns
+suppress_tokens, max_new_tokens (or max_length), min_new_tokens (or min_length), eos / pad
+ids. It returns what HF returns
 for them: the sequences [B, P + N] padded with the pad id after EOS. Any other option with a
 non-default value (other penalties and warpers, min_p with top_p < 1, beams, logits
 processors, streamers, return_dict, ...), a model the fused path cannot run exactly (unmerged
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 
 import torch
 
@@ -34,7 +36,8 @@ log = logging.getLogger("rlhf_kernels.integrations")
 
 # GenerationConfig fields the fused loop implements exactly, whatever their value
 USED = {"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-        "suppress_tokens", "max_new_tokens", "max_length", "eos_token_id", "pad_token_id"}
+        "suppress_tokens", "max_new_tokens", "max_length", "min_new_tokens", "min_length",
+        "eos_token_id", "pad_token_id"}
 # fields that cannot change the output of a decoder-only sample / greedy call: metadata,
 # compilation and caching switches, beam-search-only or assistant-only knobs (beams and
 # assistants themselves are declined below)
@@ -50,7 +53,7 @@ DECLINED = {
     "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "bad_words_ids", "begin_suppress_tokens", "sequence_bias",
     "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
-    "remove_invalid_values", "renormalize_logits", "min_length", "min_new_tokens", "max_time",
+    "remove_invalid_values", "renormalize_logits", "max_time",
     "stop_strings", "num_beams", "num_beam_groups", "diversity_penalty", "constraints",
     "force_words_ids", "penalty_alpha", "dola_layers", "num_return_sequences", "guidance_scale",
     "watermarking_config", "token_healing", "output_scores", "output_logits",
@@ -58,7 +61,7 @@ DECLINED = {
     "prompt_lookup_num_tokens", "assistant_early_exit", "speculation_type", "use_mtp",
     "cache_implementation", "cache_config", "max_cache_len", "prefill_chunk_size",
     "continuous_batching_config"}
-NEUTRAL_EXTRA = {"min_new_tokens": 0, "renormalize_logits": False, "token_healing": False,
+NEUTRAL_EXTRA = {"renormalize_logits": False, "token_healing": False,
                  "output_logits": False, "output_attentions": False,
                  "output_hidden_states": False, "use_mtp": False}
 # arguments of HF's generate outside the config: served only when not given
@@ -175,20 +178,35 @@ def _plan(model, args, kwargs):
                     min_p=config.min_p or 0.0) if sample else dict(temperature=0.0)
     return dict(model=hf, input_ids=ids, attention_mask=model_kwargs.get("attention_mask"),
                 max_new_tokens=_new_tokens(hf, config, user_config, kwargs, ids.shape[1]),
-                **sampling, **_processing(hf, config, sample),
+                **sampling, **_processing(hf, config, sample, ids.shape[1]),
                 eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
 
 
-def _processing(hf, config, sample):
-    """repetition_penalty and suppress_tokens as the fused loop takes them, or Declined: an
-    option HF takes and the loop refuses, min_p with top_p < 1, a repetition penalty that this
-    transformers applies to the left padding too."""
+def _min_new_tokens(config, prompt_len):
+    """HF's minimum length as new tokens: min_new_tokens wins (HF then sets min_length to it
+    plus the prompt's width); a min_length alone counts the padded prompt. Either masks EOS
+    only, so a value that HF's processors would skip (<= 0) is 0. Not an integer: Declined."""
+    for name in ("min_new_tokens", "min_length"):
+        value = getattr(config, name, None)
+        if value is not None and (not isinstance(value, numbers.Integral)
+                                  or isinstance(value, bool)):
+            raise Declined(f"{name}={value!r} is not an integer")
+    if config.min_new_tokens is not None:
+        return max(int(config.min_new_tokens), 0)
+    return max(int(config.min_length or 0) - prompt_len, 0)
+
+
+def _processing(hf, config, sample, prompt_len):
+    """repetition_penalty, suppress_tokens and the minimum length as the fused loop takes them,
+    or Declined: an option HF takes and the loop refuses, min_p with top_p < 1, a repetition
+    penalty that this transformers applies to the left padding too."""
     penalty = config.repetition_penalty if config.repetition_penalty is not None else 1.0
     if penalty != 1.0 and not isinstance(penalty, float):  # HF's processor raises for it
         raise Declined(f"repetition_penalty={penalty!r} is not a float")
     try:
         processing = Processing.checked(penalty, config.suppress_tokens,
-                                        (config.min_p or 0.0) if sample else 0.0)
+                                        (config.min_p or 0.0) if sample else 0.0,
+                                        _min_new_tokens(config, prompt_len))
     except (TypeError, ValueError) as err:
         raise Declined(str(err)) from None
     why = unserved(config.temperature if sample else 0.0,
@@ -199,7 +217,8 @@ def _processing(hf, config, sample):
         raise Declined(f"repetition_penalty={penalty}: this transformers also penalises the "
                        f"prompts' left padding, the fused loop does not")
     return dict(repetition_penalty=processing.repetition_penalty,
-                suppress_tokens=processing.suppress_tokens)
+                suppress_tokens=processing.suppress_tokens,
+                min_new_tokens=processing.min_new_tokens)
 
 
 _PROBE = {}
