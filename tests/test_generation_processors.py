@@ -169,8 +169,9 @@ def test_min_p_with_top_p_takes_hf_path_said_once(rng, caplog, monkeypatch):
     said = [r.getMessage() for r in caplog.records if "min_p" in r.getMessage()]
     assert len(said) == 1, said
     torch.manual_seed(3)
+    # eos_token_id=None: no EOS, as eos_token_id=[] above (the model's eos 2 would end a row)
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                            pad_token_id=0, **hf_options(1.2, 0, 0.8, 0.1))
+                            pad_token_id=0, eos_token_id=None, **hf_options(1.2, 0, 0.8, 0.1))
     assert torch.equal(ours.sequences, theirs)
 
 
