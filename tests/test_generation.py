@@ -23,15 +23,29 @@ def teacher_forced(model, out, prompt_mask, temperature):
     return response_logprobs(model, out.sequences, full, prompt_mask.shape[1], temperature)
 
 
+def early_eos(response):
+    """A token row 0 emits among its first three that some other row has not emitted by then
+    (as EOS it ends row 0 while others run), or None."""
+    for i, token in enumerate(response[0, :3].tolist()):
+        if any(token not in row[:i + 1].tolist() for row in response[1:]):
+            return token
+    return None
+
+
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_greedy_equals_hf_token_for_token(family, rng, monkeypatch):
-    model = build(CONFIGS[family], seed=int(torch.randint(1 << 30, (1,), generator=rng)))
-    ids, mask = left_padded_prompts(LENGTHS, rng)
-    ours = generate(model, ids, mask, max_new_tokens=12, temperature=0, eos_token_id=[])
-    assert ours.path.startswith("fused:")
-    assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12, eos=[]))
-    # per-sequence EOS: make the token row 0 emits third the EOS; rows stop independently
-    eos = int(ours.sequences[0, ids.shape[1] + 2])
+    # random tiny models can repeat one token in every row: draw until some row differs early
+    for _ in range(10):
+        model = build(CONFIGS[family], seed=int(torch.randint(1 << 30, (1,), generator=rng)))
+        ids, mask = left_padded_prompts(LENGTHS, rng)
+        ours = generate(model, ids, mask, max_new_tokens=12, temperature=0, eos_token_id=[])
+        assert ours.path.startswith("fused:")
+        assert torch.equal(ours.sequences, hf_greedy(model, ids, mask, 12, eos=[]))
+        eos = early_eos(ours.sequences[:, ids.shape[1]:])
+        if eos is not None:
+            break
+    assert eos is not None, "ten models whose rows all begin alike"
+    # per-sequence EOS: rows stop independently
     compactions = []  # row 0 ending first drops it from the batch (a quarter of 4 rows)
     compact = loop._Decoder.compact
     monkeypatch.setattr(loop._Decoder, "compact", lambda self, keep, n: (
