@@ -122,6 +122,8 @@ class LogitsProcessors:
 
     def _build(self, vocab, device):
         self.built = True
+        # EOS ids within the logits (once: the filter is a host sync on CUDA)
+        self.eos_columns = self.eos_ids[self.eos_ids < vocab].to(device)
         if self.processing.repetition_penalty != 1.0:
             # HF's left padding is excluded (the mask), ids past V are dropped (column V)
             ids = self.prompt_ids.clamp(max=vocab).masked_fill(self.prompt_mask == 0, vocab)
@@ -140,8 +142,7 @@ class LogitsProcessors:
         if self.seen is not None:
             scores = penalise(scores, self.seen[rows], self.processing.repetition_penalty)
         if self.generated < self.processing.min_new_tokens:
-            eos = self.eos_ids[self.eos_ids < scores.shape[-1]].to(scores.device)
-            scores = scores.index_fill(-1, eos, -math.inf)
+            scores = scores.index_fill(-1, self.eos_columns, -math.inf)
         if self.suppressed is not None:
             scores = scores.masked_fill(self.suppressed, -math.inf)
         if self.top_k or self.min_p:
