@@ -190,23 +190,32 @@ def test_served_sampling_matches_hf_distribution(case, as_config, rng, monkeypat
     assert total_variation(counts / counts.sum(), exact) < bound
 
 
-@pytest.mark.parametrize("as_config", [False, True], ids=["kwargs", "generation_config"])
-def test_served_greedy_penalty_and_suppression_equal_hf(as_config, rng, monkeypatch):
-    model = build(CONFIGS["llama-gqa-tied"], seed=2)
-    ids, mask = left_padded_prompts([4, 7, 2, 5], rng)
-    ids = torch.where(mask == 0, torch.randint(3, 211, ids.shape, generator=rng), ids)
-    base = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=5)
-    plain = model.generate(input_ids=ids, attention_mask=mask, **base)
-    often = torch.bincount(plain[:, 7:].flatten()).argmax().item()
-    calls = [dict(base, repetition_penalty=1.6), dict(base, suppress_tokens=[often]),
-             dict(base, repetition_penalty=0.7, suppress_tokens=[often, 9])]
-    expected = [model.generate(input_ids=ids, attention_mask=mask, **c) for c in calls]
-    assert all(not torch.equal(e, plain) for e in expected)  # each option changes the answer
+def fused_calls_equal(model, ids, mask, calls, expected, as_config, monkeypatch):
+    """Each call, patched, equals HF's `expected` output; returns the calls the fused loop got."""
     apply_rlhf_kernels(model)
     used = spy_fused(monkeypatch)
     for call, theirs in zip(calls, expected):
         args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **args), theirs)
+    return used
+
+
+@pytest.mark.parametrize("as_config", [False, True], ids=["kwargs", "generation_config"])
+def test_served_greedy_penalty_and_suppression_equal_hf(as_config, rng, monkeypatch):
+    model = build(CONFIGS["llama-gqa-tied"], seed=2)
+    base = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=5)
+    for _ in range(10):  # prompts on which each option changes the greedy answer
+        ids, mask = left_padded_prompts([4, 7, 2, 5], rng)
+        ids = torch.where(mask == 0, torch.randint(3, 211, ids.shape, generator=rng), ids)
+        plain = model.generate(input_ids=ids, attention_mask=mask, **base)
+        often = torch.bincount(plain[:, 7:].flatten()).argmax().item()
+        calls = [dict(base, repetition_penalty=1.6), dict(base, suppress_tokens=[often]),
+                 dict(base, repetition_penalty=0.7, suppress_tokens=[often, 9])]
+        expected = [model.generate(input_ids=ids, attention_mask=mask, **c) for c in calls]
+        if all(not torch.equal(e, plain) for e in expected):
+            break
+    assert all(not torch.equal(e, plain) for e in expected)  # each option changes the answer
+    used = fused_calls_equal(model, ids, mask, calls, expected, as_config, monkeypatch)
     assert len(used) == len(calls)
 
 
@@ -226,11 +235,7 @@ def test_served_min_length_equals_hf(as_config, rng, monkeypatch):
              dict(base, min_new_tokens=3, min_length=7 + 8), dict(base, min_new_tokens=12)]
     expected = [model.generate(input_ids=ids, attention_mask=mask, **c) for c in calls]
     assert all(not torch.equal(e, plain) for e in expected)  # each minimum changes the answer
-    apply_rlhf_kernels(model)
-    used = spy_fused(monkeypatch)
-    for call, theirs in zip(calls, expected):
-        args = dict(generation_config=tf.GenerationConfig(**call)) if as_config else call
-        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **args), theirs)
+    used = fused_calls_equal(model, ids, mask, calls, expected, as_config, monkeypatch)
     assert [u["min_new_tokens"] for u in used] == [5, 4, 3, 12]
 
 
