@@ -201,8 +201,10 @@ def test_declined_modules_keep_hf_and_are_logged_once(caplog):
     with caplog.at_level(logging.WARNING, "rlhf_kernels.integrations"):
         apply_rlhf_training_kernels(gelu)
         apply_rlhf_training_kernels(build(spec))  # the same reason again: not said again
-    # the tied input embedding too (tests/test_tied_embedding.py)
-    assert served(gelu) == {"LlamaRMSNorm", "LlamaAttention", "Embedding"}
+    # the tied input embedding too (tests/test_tied_embedding.py); the base model and the
+    # attention's projections for shared prefixes (tests/test_prefix_sharing.py)
+    assert served(gelu) == {"LlamaRMSNorm", "LlamaAttention", "Embedding", "LlamaModel",
+                            "Linear"}
     said = [r.message for r in caplog.records]
     assert sum("LlamaMLP keeps HF's forward: its activation GELUActivation" in m
                for m in said) == 1, said
@@ -230,7 +232,8 @@ def test_a_replaced_rope_function_or_forward_is_declined(caplog, monkeypatch):
     norm.forward = lambda x: x  # someone else's forward on this instance
     with caplog.at_level(logging.WARNING, "rlhf_kernels.integrations"):
         apply_rlhf_training_kernels(model)
-    assert served(model) == {"Qwen2RMSNorm", "Qwen2MLP", "Embedding"}  # not model.norm
+    # not model.norm, nor the attention or its projections
+    assert served(model) == {"Qwen2RMSNorm", "Qwen2MLP", "Embedding", "Qwen2Model"}
     assert vars(norm)["forward"](3) == 3
     said = " ".join(r.message for r in caplog.records)
     assert "apply_rotary_pos_emb is not HF's" in said and "replaced already" in said

@@ -47,6 +47,7 @@ from ..ops.rms_norm import rms_norm
 from ..ops.rope import rotate
 from ..ops.swiglu import swiglu
 from ..reference.rope import rope_tables
+from . import prefix_sharing
 
 log = logging.getLogger("rlhf_kernels.integrations")
 
@@ -55,7 +56,8 @@ log = logging.getLogger("rlhf_kernels.integrations")
 # positions, GELU / ReLU MLPs).
 LAYER_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 NO_LAYER_OPS = ("gpt2", "opt")
-KINDS = {"RMSNorm": "norm", "MLP": "mlp", "Attention": "attention"}
+KINDS = {"RMSNorm": "norm", "MLP": "mlp", "Attention": "attention", "Model": "model"}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ROPE_FUNCTION = "apply_rotary_pos_emb"
 PROBE_TOLERANCE = 1e-4  # of the output's scale: rounding is ~1e-7, a different formula O(1)
 _said = set()
@@ -81,6 +83,10 @@ def _norm_forward(self, hidden_states):
 
 
 def _mlp_forward(self, x):
+    plan = prefix_sharing.mlp_plan(self, x)
+    if plan is not None:  # the tokens its batch repeats computed once (prefix_sharing.py)
+        packed = plan.pack(x)
+        return plan.unpack(self.down_proj(swiglu(self.gate_proj(packed), self.up_proj(packed))))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -93,15 +99,29 @@ def _attention_forward(self, *args, **kwargs):
     if not _install_dispatcher(modeling):
         return type(self).forward(self, *args, **kwargs)
     _rope_users[modeling.__name__].add(self)  # a deep copy of a patched model registers here
-    token = _active_tables.set(self._rlhf_kernels_rope)
+    given = _bind(type(self), self, args, kwargs)
+    plan = None if given is None else prefix_sharing.attention_plan(
+        given.get("hidden_states"), given.get("position_embeddings"))
+    token, packing = _active_tables.set(self._rlhf_kernels_rope), \
+        prefix_sharing.enter_attention(plan)
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
+        prefix_sharing.leave_attention(packing)
         _active_tables.reset(token)
 
 
+def _bind(cls, module, args, kwargs):
+    """{parameter: value} of a call of cls.forward, or None when it does not bind."""
+    try:
+        return prefix_sharing.signature(cls).bind(module, *args, **kwargs).arguments
+    except TypeError:
+        return None
+
+
 SERVED_FORWARDS = {"norm": _norm_forward, "mlp": _mlp_forward, "attention": _attention_forward,
-                   "tied embedding": _embedding_forward}
+                   "tied embedding": _embedding_forward, "model": prefix_sharing.model_forward,
+                   "projection": prefix_sharing.projection_forward}
 
 
 # -- RoPE: HF's module function, served for patched attention modules --------------------------
@@ -273,7 +293,8 @@ def _probe_rope(module, generator):
 
 
 CHECKS = {"norm": (_check_norm, _probe_norm), "mlp": (_check_mlp, _probe_mlp),
-          "attention": (_check_attention, _probe_rope)}
+          "attention": (_check_attention, _probe_rope),
+          "model": (lambda module: None, lambda module, generator: None)}  # HF's forward runs
 
 
 @contextlib.contextmanager
@@ -336,6 +357,20 @@ def _serve(module, kind, tables) -> None:
     module.forward = types.MethodType(SERVED_FORWARDS[kind], module)
 
 
+def _serve_projections(attention) -> int:
+    """The attention's q / k / v / o projections pack the tokens a batch repeats (those of
+    torch's or peft's Linear, whose forward is their class's own): how many are served."""
+    served = 0
+    for name in PROJECTIONS:
+        projection = getattr(attention, name, None)
+        if projection is None or not prefix_sharing.per_token(projection):
+            continue
+        if _served_kind(projection) is None and "forward" not in projection.__dict__:
+            projection.forward = types.MethodType(prefix_sharing.projection_forward, projection)
+        served += _served_kind(projection) == "projection"
+    return served
+
+
 def apply_rlhf_training_kernels(model):
     """Serves the RMSNorm, SiLU-gated MLP and RoPE-attention modules of `model` (an HF model,
     a peft model or any module holding one) with our layer kernels, each one whose math we
@@ -357,6 +392,8 @@ def apply_rlhf_training_kernels(model):
                 continue
             _serve(module, kind, tables)
         served[kind] = served.get(kind, 0) + 1
+        if kind == "attention":
+            served["projection"] = served.get("projection", 0) + _serve_projections(module)
     if served:  # a model with layers we serve: its tied embedding too (module docstring)
         embedding, reason = _tied_embedding(model)
         if reason is not None:
