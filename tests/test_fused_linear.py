@@ -49,6 +49,43 @@ def test_fused_linear_logprobs_matches_float64(rng, backend, chunk):
                                    atol=tol * (1 + want.abs().max().item()) * 10)
 
 
+@pytest.mark.parametrize("live", ["holes", "entropy-only-row", "none"])
+def test_backward_computes_only_rows_with_gradient(rng, live, monkeypatch):
+    """Masked outputs (TRL scores every position and zeroes the padding's gradient): the
+    backward recomputes only the rows whose gradient is nonzero; the result is the float64
+    one, with exact zeros in the skipped rows of grad_hidden."""
+    import rlhf_kernels.ops.fused_linear as fused_linear
+    seen = []
+    original = fused_linear.fused_linear_logprobs_bwd
+
+    def counted(hidden, *args):
+        seen.append(hidden.shape[0])
+        return original(hidden, *args)
+    monkeypatch.setattr(fused_linear, "fused_linear_logprobs_bwd", counted)
+    h, w, y = make(rng, 12, 16, 301)
+    g1 = torch.randn(12, generator=rng)
+    g2 = torch.zeros(12)
+    g1[[0, 3, 4, 11]] = 0  # holes, both ends
+    if live == "entropy-only-row":
+        g2[3] = 0.5
+    if live == "none":
+        g1.zero_()
+    hd, wd = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logp, ent = rlhf_kernels.fused_linear_logprobs(hd, wd, y, return_entropy=True,
+                                                   chunk_size=5, backend="cpu")
+    ((logp * g1).sum() + (ent * g2).sum()).backward()
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref_logp, ref_ent = logprobs64(h64 @ w64.t(), y, 1.0)
+    ((ref_logp * g1.double()).sum() + (ref_ent * g2.double()).sum()).backward()
+    assert seen == [int(((g1 != 0) | (g2 != 0)).sum())]
+    tol = tolerance(h, w, 301)
+    for got, want in ((hd.grad, h64.grad), (wd.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=0,
+                                   atol=tol * (1 + want.abs().max().item()) * 10)
+    dead = (g1 == 0) & (g2 == 0)
+    assert torch.equal(hd.grad[0][dead], torch.zeros_like(hd.grad[0][dead]))
+
+
 @pytest.mark.parametrize("backend", backend_params("logprobs"))
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "seq-mean-token-sum-norm"])

@@ -11,7 +11,9 @@ logits block (plus a float32 grad-weight accumulator for low-precision weights).
 
 - fused_linear_logprobs: only (logp, entropy, lse) per token are kept; backward recomputes each
   chunk's logits, turns them into grad-logits in place, and accumulates
-  grad_hidden_c = g @ weight, grad_weight += g.T @ hidden_c. Four matmuls in all.
+  grad_hidden_c = g @ weight, grad_weight += g.T @ hidden_c. Four matmuls in all; the three
+  of backward over the tokens whose output gradient is nonzero only (a caller that scores
+  every position and masks the padding sends zeros for the rest).
 - fused_linear_ppo_actor_loss: a token's loss depends on its own log-prob and entropy only (the
   aggregation weights come from the mask), so each chunk's gradient is known in the forward:
   it is computed there and backward only scales it. Three matmuls, as the unfused head.
@@ -27,12 +29,16 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _backends
 from ..reference import ppo_loss as F
 from . import _checks, tied_embedding
 from .logprobs import check_label_range, check_labels, check_temperature, float_out
 from .ppo_loss import PPOActorOutput, actor_loss_from_logprobs, check_ppo_inputs
+
+
+SKIP_BELOW = 0.9  # the backward gathers the live rows when at most this share carries gradient
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
@@ -115,14 +121,38 @@ def _logprobs_setup(ctx, inputs, output):
     ctx.tied_embedding = tied_embedding.link(weight)
 
 
+def _live_rows(grad_logp, grad_ent):
+    """The rows with a nonzero output gradient, or None when that is most of them. A caller
+    that scores every position and masks the padding (TRL's fused LM head off Triton scores
+    the prompts too) sends zeros for those: their grad-logits, grad_hidden rows and share of
+    grad_weight are exactly 0 (for finite logits), so their recompute and GEMMs are skipped."""
+    if torch.compiler.is_compiling() or type(grad_logp) is not torch.Tensor \
+            or _get_current_dispatch_mode() is not None:
+        return None  # traced (fake, functional or proxy tensors): no data-dependent shapes
+    live = grad_logp != 0
+    if grad_ent is not None:
+        live |= grad_ent != 0
+    count = int(live.sum())
+    return None if count > SKIP_BELOW * live.numel() else live.nonzero().squeeze(1)
+
+
 def _logprobs_backward(ctx, grad_logp, grad_ent, _grad_lse):
     hidden, weight, labels, lse, ent = ctx.saved_tensors
     if grad_logp is None and grad_ent is None:
         return (None,) * 6
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    grad_hidden, grad_weight = fused_linear_logprobs_bwd(hidden, weight, labels, lse, ent,
-                                                         grad_logp, grad_ent, *ctx.options)
+    rows = _live_rows(grad_logp, grad_ent)
+    if rows is None:
+        grad_hidden, grad_weight = fused_linear_logprobs_bwd(hidden, weight, labels, lse, ent,
+                                                             grad_logp, grad_ent, *ctx.options)
+    else:  # only the tokens whose outputs carry gradient: the others' share is exactly 0
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        live_hidden, live_weight = fused_linear_logprobs_bwd(
+            pick(hidden), weight, pick(labels), pick(lse), pick(ent), pick(grad_logp),
+            pick(grad_ent), *ctx.options)
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, live_hidden)
+        grad_weight = live_weight
     if ctx.needs_input_grad[1]:
         grad_weight = tied_embedding.hand_over(ctx.tied_embedding, grad_weight, weight.dtype)
     return grad_hidden, grad_weight, None, None, None, None
