@@ -270,10 +270,10 @@ def run(model_name, args):
         records = []
         trainer.add_callback(alternating_callback(model, order, records))
         trainer.train()
-    for r in records:
-        print(f"{model_name} {r['config']:<20} step {r['step']:.3f} s, generate {r['gen']:.3f} s,"
-              f" {r['tokens']} new tokens, RSS +{r['rss'] / 2**20:.0f} MiB", flush=True)
-    return timing_rows(model_name, summary(records, args.warmup)), agreement
+    lines = [f"{model_name} {r['config']:<20} step {r['step']:.3f} s, generate {r['gen']:.3f} s,"
+             f" {r['tokens']} new tokens, RSS +{r['rss'] / 2**20:.0f} MiB" for r in records]
+    print("\n".join(lines), flush=True)
+    return timing_rows(model_name, summary(records, args.warmup)), agreement, lines
 
 
 TIMING = ["model", "config", "step s", "generate s", "train s", "step vs plain", "gen vs plain",
@@ -281,7 +281,7 @@ TIMING = ["model", "config", "step s", "generate s", "train s", "step vs plain",
 AGREEMENT = ["model", "config", "loss", "loss gap", "log-prob gap", "gradient gap"]
 
 
-def report(args, argv, timing, agreement) -> str:
+def report(args, argv, timing, agreement, steps) -> str:
     command = "python benchmarks/bench_trl.py " + " ".join(argv)
     return (f"# TRL GRPO step\n\n{environment(torch.device('cpu'))}\n\n"
             f"command: `{command.strip()}`\n\nfloat32; batch {args.batch} completions "
@@ -294,7 +294,9 @@ def report(args, argv, timing, agreement) -> str:
             + "\n\nFirst step's batch under each configuration, same weights, against plain "
               "(loss gap: |difference|; log-prob gap: the largest |difference| over the "
               "completion tokens; gradient gap: the largest over tensors of max |difference| / "
-              "max |gradient|):\n\n" + markdown_table(AGREEMENT, agreement) + "\n")
+              "max |gradient|):\n\n" + markdown_table(AGREEMENT, agreement)
+            + "\n\nEvery step of the run (the first of each configuration is its warm-up):\n\n"
+            + "```\n" + "\n".join(steps) + "\n```\n")
 
 
 def main(argv=None):
@@ -309,12 +311,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
     args = p.parse_args(argv)
-    timing, agreement = [], []
+    timing, agreement, steps = [], [], []
     for name in args.models.split(","):
-        rows, agree = run(name, args)
+        rows, agree, lines = run(name, args)
         timing += rows
         agreement += agree
-    publish(report(args, argv, timing, agreement), args.out)
+        steps += lines
+    publish(report(args, argv, timing, agreement, steps), args.out)
 
 
 if __name__ == "__main__":

@@ -242,3 +242,26 @@ def test_an_mlp_called_on_its_own_is_not_packed(rng):
         prefix_sharing._layer_plan.set(build_plan(ids, mask))  # as if an attention just ran
         got = mlp(x)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_kernels_applied_before_peft_wraps(rng, monkeypatch):
+    """apply_rlhf_training_kernels, then peft: the LoRA layers hold our served Linear as their
+    base layer, which packs inside them (equal to the same LoRA model without kernels)."""
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                  init_lora_weights=False, lora_dropout=0.0)
+    plain = build(CONFIGS["qwen2-bias"], seed=4)
+    served = apply_rlhf_training_kernels(build(CONFIGS["qwen2-bias"], seed=4))
+    torch.manual_seed(1)  # the same LoRA weights in both
+    plain = peft.get_peft_model(plain, peft.LoraConfig(**config)).train()
+    torch.manual_seed(1)
+    served = peft.get_peft_model(served, peft.LoraConfig(**config)).train()
+    ids, mask, labels = group_batch(rng, plain.config.vocab_size)
+    weights = torch.randn(*ids.shape, plain.config.vocab_size, generator=rng)
+    want = loss_logits_grads(plain, ids, mask, labels, weights)
+    packed = packing_counter(monkeypatch)
+    got = loss_logits_grads(served, ids, mask, labels, weights)
+    assert_same(got, want, mask)
+    assert want[2] and all("lora_" in name for name in want[2])
+    # the base layers of q (inside its LoRA) and k / v share one pack; o; the MLP
+    assert len(packed) == 3 * plain.config.num_hidden_layers
