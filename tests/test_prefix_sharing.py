@@ -265,3 +265,18 @@ def test_kernels_applied_before_peft_wraps(rng, monkeypatch):
     assert want[2] and all("lora_" in name for name in want[2])
     # the base layers of q (inside its LoRA) and k / v share one pack; o; the MLP
     assert len(packed) == 3 * plain.config.num_hidden_layers
+
+
+def test_inference_mode_forward(rng, monkeypatch):
+    """Inference tensors (no version counter) pack too."""
+    model = build(CONFIGS["llama-gqa-tied"], seed=1)
+    ids, mask, _ = group_batch(rng, model.config.vocab_size)
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        apply_rlhf_training_kernels(model)
+        packed = packing_counter(monkeypatch)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert len(packed) == 3 * model.config.num_hidden_layers
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0,
+                               atol=2e-5 * want.abs().max().item())

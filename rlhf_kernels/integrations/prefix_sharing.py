@@ -301,7 +301,7 @@ def projection_forward(self, *args, **kwargs):
         return original(self, *args, **kwargs)
     plan, packed = state
     x = args[0]
-    key = (id(x), x._version)
+    key = (id(x), None if x.is_inference() else x._version)  # x is held: its id stays its own
     if key not in packed:  # q, k and v take the same input: packed once
         packed.clear()
         packed[key] = (x, plan.pack(x))
