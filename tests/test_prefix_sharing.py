@@ -280,3 +280,80 @@ def test_inference_mode_forward(rng, monkeypatch):
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=0,
                                atol=2e-5 * want.abs().max().item())
+
+
+def plain_and_served(family, seed=1, **config):
+    config_cls, model_cls, kwargs = CONFIGS[family]
+    spec = (config_cls, model_cls, dict(kwargs, **config))
+    return build(spec, seed=seed).train(), apply_rlhf_training_kernels(build(spec, seed=seed)).train()
+
+
+def sft_loss_logits_grads(model, ids, mask):
+    """HF's own shifted loss with the padding at -100: the last left-pad position's logits
+    predict the first real token and count."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    return (out.loss.detach(), out.logits.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_eager_attention_left_padding_equals_hf_everywhere(rng):
+    """Eager attention averages a fully masked (left-pad) query over the whole row, later
+    tokens included: the copies' pad positions differ after the first attention, the check
+    before each packing sees it, and every position (pads too) equals HF."""
+    plain, served = plain_and_served("llama-gqa-tied", attn_implementation="eager")
+    ids, mask, _ = group_batch(rng, plain.config.vocab_size, prompt_lengths=(6, 3))
+    want = sft_loss_logits_grads(plain, ids, mask)
+    got = sft_loss_logits_grads(served, ids, mask)
+    assert_same(got, want, torch.ones_like(mask))
+
+
+@pytest.mark.parametrize("hook", ["embedding-noise", "norm-per-row", "layer-steering"])
+def test_forward_hooks_that_change_rows_equal_hf(hook, rng):
+    """Hooks that make the copies differ (NEFTune-style embedding noise, per-row scaling, a
+    per-row steering vector on a decoder layer's output): equal to HF."""
+    plain, served = plain_and_served("qwen2-bias")
+    ids, mask, labels = group_batch(rng, plain.config.vocab_size)
+    rows = ids.shape[0]
+    scale = torch.linspace(0.5, 1.5, rows)[:, None, None]
+    steer = torch.randn(rows, 1, plain.config.hidden_size, generator=rng)
+    noise = torch.randn(*ids.shape, plain.config.hidden_size, generator=rng) * 0.1
+    for model in (plain, served):
+        if hook == "embedding-noise":
+            model.get_input_embeddings().register_forward_hook(lambda m, i, o: o + noise)
+        if hook == "norm-per-row":
+            model.model.layers[1].input_layernorm.register_forward_hook(lambda m, i, o: o * scale)
+        if hook == "layer-steering":
+            model.model.layers[0].register_forward_hook(lambda m, i, o: o + steer)
+    weights = torch.randn(*ids.shape, plain.config.vocab_size, generator=rng)
+    want = loss_logits_grads(plain, ids, mask, labels, weights)
+    got = loss_logits_grads(served, ids, mask, labels, weights)
+    assert_same(got, want, mask)
+
+
+@pytest.mark.parametrize("case", ["backward-hook", "hidden-states"])
+def test_watched_activations_run_every_row_in_full(case, rng, monkeypatch, caplog):
+    """The copies' activation gradients are carried by the first copy: with a backward hook
+    in the model, or the hidden states returned, nothing is packed, and a per-row gradient a
+    hook sees equals HF's."""
+    plain, served = plain_and_served("llama-gqa-tied")
+    ids, mask, labels = group_batch(rng, plain.config.vocab_size)
+    seen = {}
+    for name, model in (("hf", plain), ("ours", served)):
+        if case == "backward-hook":
+            model.model.layers[1].self_attn.q_proj.register_full_backward_hook(
+                lambda m, gin, gout, n=name: seen.__setitem__(n, gout[0].norm(dim=(1, 2))))
+    packed = packing_counter(monkeypatch)
+    with caplog.at_level(logging.INFO, "rlhf_kernels.integrations"):
+        for name, model in (("hf", plain), ("ours", served)):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels,
+                        output_hidden_states=case == "hidden-states")
+            grads = torch.autograd.grad(out.loss, out.hidden_states[1]) \
+                if case == "hidden-states" else out.loss.backward()
+            if case == "hidden-states":
+                seen[name] = grads[0].norm(dim=(1, 2))
+    assert not packed
+    torch.testing.assert_close(seen["ours"], seen["hf"], rtol=1e-5, atol=0)
+    reason = "backward hooks" if case == "backward-hook" else "intermediate outputs"
+    assert any(reason in r.message for r in caplog.records)

@@ -14,21 +14,26 @@ which hold nearly all of the FLOPs) runs on the distinct tokens only, packed as 
 
 Everything else keeps HF's [B, T] layout: the residual stream, the norms, RoPE and the
 attention itself (the packed projections are unpacked to [B, T] before it, so every row's
-queries see their own keys, masks and dropout). Values are those of the full computation:
-duplicated tokens take the very bits of their first copy (same inputs, same ops). Gradients
-are those of the full computation too: the function of the weights is the same, and the
-unpacking's backward sums each token's copies.
+queries see their own keys and masks). Values are those of the full computation: copies take
+the very bits of their first copy. Parameter gradients are the full computation's too (the
+function of the weights is the same; the unpacking's backward sums each token's copies), but
+the gradient with respect to an intermediate activation of a copy is carried by its first
+copy: forwards whose activations a caller could differentiate or watch run every row in full
+(output_hidden_states / output_attentions, backward hooks anywhere in the model).
 
 The plan (which token is whose copy) comes from the model's inputs: input ids, attention mask
 and position ids compared row against row. It is built when a served base model's forward
 starts, and reaches the decoder layers' recomputes (gradient checkpointing replays a layer
-during backward, outside that forward) on the RoPE tables every layer is passed. A forward
-that is not a plain one over token ids (inputs_embeds, a filled KV cache, a 4-D mask, keyword
-arguments we do not know) or with less than MIN_SHARED of its tokens repeated, and a module
-with hooks inside (what they would see changes) run unpacked, as HF does. So do a model in a
-dtype other than float32 or under autocast (the copies' gradients, summed before a GEMM,
-would round unlike HF's sum inside it) and a model with an active dropout (in HF each copy of
-a prompt draws its own mask: the copies differ from the first layer on).
+during backward, outside that forward) on the RoPE tables every layer is passed. Before each
+packing the copies are checked to hold their first copy's bits: a hook that changes values
+per row, an eager attention whose fully masked (left-pad) queries average the whole row, a
+per-row adapter, all make the copies differ, and from there on the layer runs in full.
+A forward that is not a plain one over token ids (inputs_embeds, a filled KV cache, a 4-D
+mask, keyword arguments we do not know) or with less than MIN_SHARED of its tokens repeated,
+and a module with hooks inside (what they would see changes) run unpacked, as HF does. So do
+a model in a dtype other than float32 or under autocast (the copies' gradients, summed before
+a GEMM, would round unlike HF's sum inside it) and a model with an active dropout (in HF each
+copy of a prompt draws its own mask: the copies differ from the first layer on).
 """
 from __future__ import annotations
 
@@ -45,8 +50,9 @@ _said = set()
 MIN_SHARED = 0.1  # of the batch's tokens: below it, the gathers cost more than they save
 PLAN_ATTRIBUTE = "_rlhf_kernels_prefix_plan"  # on the cos table of a forward's RoPE pair
 # the base model's keyword arguments whose values are the same for every row (or None)
-ROW_INDEPENDENT = {"use_cache", "output_attentions", "output_hidden_states", "return_dict",
-                   "cache_position"}
+ROW_INDEPENDENT = {"use_cache", "return_dict", "cache_position"}
+# returned intermediates: a caller could differentiate with respect to them (module docstring)
+INTERMEDIATES = ("output_attentions", "output_hidden_states")
 
 _model_plan = contextvars.ContextVar("rlhf_kernels_model_plan", default=None)
 # (plan, {id(input): packed}) while a served attention forward runs: its projections pack
@@ -124,15 +130,20 @@ class _Unpack(torch.autograd.Function):
 def build_plan(input_ids, attention_mask=None, position_ids=None):
     """The plan of a [B, T] batch, or None when less than MIN_SHARED of its tokens repeat."""
     rows, length = input_ids.shape
-    same = input_ids[:, None, :] == input_ids[None, :, :]  # [B, B, T]
-    for key in (attention_mask, position_ids):
-        if key is not None:
-            key = key.expand(rows, length)
-            same &= key[:, None, :] == key[None, :, :]
-    same_prefix = same.to(torch.int8).cummin(dim=-1).values  # equal at every position <= t
-    first = same_prefix.argmax(dim=1)  # [B, T]: the first row with this row's prefix
-    positions = torch.arange(length, device=input_ids.device)
-    computed = (first == torch.arange(rows, device=input_ids.device)[:, None]).flatten()
+    device = input_ids.device
+    keys = [k.expand(rows, length) for k in (input_ids, attention_mask, position_ids)
+            if k is not None]
+    positions = torch.arange(length, device=device)
+    first = torch.empty(rows, length, dtype=torch.long, device=device)
+    for b in range(rows):  # [B, T] at a time: no [B, B, T] tensor for large batches
+        differs = torch.zeros(rows, length, dtype=torch.bool, device=device)
+        for key in keys:
+            differs |= key != key[b]
+        # the length of the prefix row c shares with row b
+        shared = torch.where(differs.any(1), differs.to(torch.uint8).argmax(1), length)
+        # the first row sharing row b's prefix through t (row b itself at the latest)
+        first[b] = (shared[:, None] > positions).to(torch.uint8).argmax(0)
+    computed = (first == torch.arange(rows, device=device)[:, None]).flatten()
     tokens = int(computed.sum())
     if tokens > (1 - MIN_SHARED) * rows * length:
         return None
@@ -179,6 +190,8 @@ def plan_for_model(model, args, kwargs):
             return None, "a filled KV cache"
     if given.pop("inputs_embeds", None) is not None:
         return None, "inputs_embeds instead of token ids"
+    if any(given.pop(name, None) for name in INTERMEDIATES):
+        return None, "intermediate outputs asked for (output_hidden_states / _attentions)"
     unknown = sorted(name for name, value in given.items()
                      if value is not None and name not in ROW_INDEPENDENT)
     if unknown:
@@ -192,6 +205,8 @@ def plan_for_model(model, args, kwargs):
                       "unlike HF's)")
     if any(_draws(m) for m in model.modules()):
         return None, "an active dropout (each row draws its own: copies of a prompt differ)"
+    if _backward_hooks(model):
+        return None, "backward hooks (they would see the copies' gradients on the first copy)"
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
         return None, "an attention mask that is not [batch, length]"
     if positions is not None and (not isinstance(positions, torch.Tensor)
@@ -264,9 +279,16 @@ def leave_attention(token):
         _projecting.reset(token)
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks") + _BACKWARD_HOOKS
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _backward_hooks(model) -> bool:
+    modules = torch.nn.modules.module
+    return any(getattr(modules, "_global" + name, None) for name in _BACKWARD_HOOKS) \
+        or any(getattr(m, name, None) for m in model.modules() for name in _BACKWARD_HOOKS)
 
 
 def _draws(module) -> bool:
@@ -302,9 +324,11 @@ def projection_forward(self, *args, **kwargs):
     plan, packed = state
     x = args[0]
     key = (id(x), None if x.is_inference() else x._version)  # x is held: its id stays its own
-    if key not in packed:  # q, k and v take the same input: packed once
+    if key not in packed:  # q, k and v take the same input: checked and packed once
         packed.clear()
-        packed[key] = (x, plan.pack(x))
+        packed[key] = (x, plan.pack(x) if plan.describes(x) else None)
+    if packed[key][1] is None:
+        return original(self, x)
     return plan.unpack(original(self, packed[key][1]))
 
 
