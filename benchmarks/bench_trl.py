@@ -4,7 +4,8 @@
     trl.patch              rlhf_kernels.integrations.trl.patch(): log-probs, entropy, fused LM head
     trl.patch + kernels    trl.patch() + apply_rlhf_kernels (model.generate -> the fused loop)
                            + apply_rlhf_training_kernels (RMSNorm / RoPE / SwiGLU kernels inside
-                           HF's own forwards, the recompute of gradient checkpointing included)
+                           HF's own forwards, the recompute of gradient checkpointing included;
+                           each group's prompt computed once: prefix_sharing.py)
 
     python benchmarks/bench_trl.py [--models tiny-llama,smollm2] [--steps 5] [--out FILE]
 
