@@ -203,10 +203,9 @@ def plan_for_model(model, args, kwargs):
             or torch.is_autocast_enabled(ids.device.type):
         return None, ("a dtype other than float32 (sums of the copies' gradients would round "
                       "unlike HF's)")
-    if any(_draws(m) for m in model.modules()):
-        return None, "an active dropout (each row draws its own: copies of a prompt differ)"
-    if _backward_hooks(model):
-        return None, "backward hooks (they would see the copies' gradients on the first copy)"
+    reason = _rows_apart(model)
+    if reason is not None:
+        return None, reason
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
         return None, "an attention mask that is not [batch, length]"
     if positions is not None and (not isinstance(positions, torch.Tensor)
@@ -246,7 +245,8 @@ def per_token(module) -> bool:
 def attention_plan(hidden_states, position_embeddings):
     """The plan of the forward this attention call is part of, or None. In the model's forward
     the model's plan, then kept on the forward's cos table; in a gradient-checkpointing
-    recompute (outside that forward) the cos table's, when it describes hidden_states."""
+    recompute (outside that forward) the cos table's. (Every packing checks that the plan
+    describes its input: projection_forward, mlp_plan.)"""
     pair = position_embeddings
     cos = pair[0] if isinstance(pair, (tuple, list)) and pair \
         and isinstance(pair[0], torch.Tensor) else None
@@ -261,10 +261,7 @@ def attention_plan(hidden_states, position_embeddings):
             return None
         setattr(cos, PLAN_ATTRIBUTE, running)
         return running if running.fits(hidden_states) else None
-    if isinstance(tagged, PrefixPlan) and tagged.fits(hidden_states) \
-            and tagged.describes(hidden_states):
-        return tagged
-    return None
+    return tagged if isinstance(tagged, PrefixPlan) and tagged.fits(hidden_states) else None
 
 
 def enter_attention(plan):
@@ -285,10 +282,17 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
-def _backward_hooks(model) -> bool:
+def _rows_apart(model):
+    """Why the copies' results would differ from HF's (dropout draws per row, backward hooks
+    would see the copies' gradients on the first copy), or None: one walk over the modules."""
     modules = torch.nn.modules.module
-    return any(getattr(modules, "_global" + name, None) for name in _BACKWARD_HOOKS) \
-        or any(getattr(m, name, None) for m in model.modules() for name in _BACKWARD_HOOKS)
+    hooked = any(getattr(modules, "_global" + name, None) for name in _BACKWARD_HOOKS)
+    for m in model.modules():
+        if _draws(m):
+            return "an active dropout (each row draws its own: copies of a prompt differ)"
+        hooked = hooked or any(getattr(m, name, None) for name in _BACKWARD_HOOKS)
+    return "backward hooks (they would see the copies' gradients on the first copy)" \
+        if hooked else None
 
 
 def _draws(module) -> bool:
@@ -340,7 +344,7 @@ def mlp_plan(mlp, x):
     if plan is None:
         return None
     _layer_plan.set(None)
-    if not plan.fits(x) or not _quiet_inside(mlp) or not plan.describes(x) \
+    if not plan.fits(x) or not _quiet_inside(mlp) \
             or not all(per_token(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")):
         return None
-    return plan
+    return plan if plan.describes(x) else None
